@@ -1,0 +1,61 @@
+"""mtgrad: multi-task gradient balancing as composable optax transforms."""
+
+from mtgrad._src.base import BalancingState
+from mtgrad._src.base import BalancingTransformation
+from mtgrad._src.base import WeightingFn
+from mtgrad._src.base import from_weighting
+from mtgrad._src.base import require_num_tasks
+from mtgrad._src.base import safe_reciprocal
+from mtgrad._src.jacobian import value_and_jacobian
+from mtgrad._src.methods.constant import constant
+from mtgrad._src.methods.initial_loss import InitialLossState
+from mtgrad._src.methods.initial_loss import initial_loss
+from mtgrad._src.methods.inverse_loss import inverse_loss
+from mtgrad._src.methods.inverse_norm import inverse_norm
+from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.rlw import rlw
+from mtgrad._src.methods.sum import sum  # noqa: A004
+from mtgrad._src.registry import MethodInfo
+from mtgrad._src.registry import get
+from mtgrad._src.registry import info
+from mtgrad._src.registry import names
+from mtgrad._src.solvers.info import SolverInfo
+from mtgrad._src.tree import block_gram
+from mtgrad._src.tree import block_ids
+from mtgrad._src.tree import block_sq_norms
+from mtgrad._src.tree import combine
+from mtgrad._src.tree import gram
+from mtgrad._src.tree import num_tasks
+from mtgrad._src.tree import sq_norms
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "BalancingState",
+  "BalancingTransformation",
+  "InitialLossState",
+  "MethodInfo",
+  "SolverInfo",
+  "WeightingFn",
+  "block_gram",
+  "block_ids",
+  "block_sq_norms",
+  "combine",
+  "constant",
+  "from_weighting",
+  "get",
+  "gram",
+  "info",
+  "initial_loss",
+  "inverse_loss",
+  "inverse_norm",
+  "mean",
+  "names",
+  "num_tasks",
+  "require_num_tasks",
+  "rlw",
+  "safe_reciprocal",
+  "sq_norms",
+  "sum",
+  "value_and_jacobian",
+)

@@ -1,0 +1,272 @@
+"""The transform contract and the builder that turns a weighting into it.
+
+A *weighting* is a pure function on small arrays::
+
+    weighting(gram, losses, state, key, *, num_tasks) -> (weights [T], state)
+
+where ``gram`` is what the weighting asked for (``needs``): the ``[T, T]``
+Gram matrix (``"gram"``), the ``[T]`` squared norms (``"sq_norms"``) or
+``None`` (``"nothing"``). :func:`from_weighting` wraps it into a
+:class:`BalancingTransformation`: Gram pass, weighting, combine pass; globally
+or block-wise (the weighting ``vmap``-ed over per-block Grams, with per-block
+state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import Literal
+from typing import NamedTuple
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.experimental import aggregating
+
+from mtgrad._src import tree
+
+Needs = Literal["gram", "sq_norms", "nothing"]
+KeyLike = jax.Array | int
+
+
+class BalancingTransformation(aggregating.Aggregator):
+  """An optax transformation from per-task gradients to one update.
+
+  ``init(params)`` takes plain params (no task axis). ``update(task_grads,
+  state, params=None, *, losses=None, **extra_args)`` takes the params pytree
+  with a leading task axis ``T`` on every leaf and returns an update with
+  exactly the params structure, leaf shapes and dtypes. It is an
+  :class:`optax.experimental.aggregating.Aggregator` (so a
+  :class:`optax.GradientTransformationExtraArgs`): put it first in an
+  :func:`optax.chain`, which forwards ``losses=`` to it.
+  """
+
+
+class WeightingFn(Protocol):
+  """``(gram, losses, state, key, *, num_tasks) -> (weights [T], state)``.
+
+  ``num_tasks`` is the static task count ``T`` (a Python int), so weightings
+  that need neither Gram nor losses still know the shape of their output.
+  """
+
+  def __call__(
+    self,
+    gram: jax.Array | None,
+    losses: jax.Array | None,
+    state: Any,
+    key: jax.Array | None,
+    *,
+    num_tasks: int,
+  ) -> tuple[jax.Array, Any]: ...
+
+
+class BalancingState(NamedTuple):
+  """State of a transform built by :func:`from_weighting`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    weights: the weights of the last update, ``[T]`` (``[B, T]`` block-wise);
+      zeros before the first update; ``None`` when the transform was built
+      without ``num_tasks``.
+    key: the PRNG key, split at every update; ``None`` for deterministic
+      methods.
+    weighting_state: the weighting's own state (``()`` when it has none),
+      one per block when block-wise.
+  """
+
+  count: jax.Array  # [] int32
+  weights: jax.Array | None  # [T] or [B, T]
+  key: jax.Array | None
+  weighting_state: Any
+
+
+def as_key(key: KeyLike | None) -> jax.Array | None:
+  """Accepts an int seed, a typed key or a raw ``uint32[2]`` key."""
+  if key is None:
+    return None
+  if isinstance(key, int):
+    return jax.random.key(key)
+  return jnp.asarray(key) if not isinstance(key, jax.Array) else key
+
+
+def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
+  """Validates ``losses`` for a loss-driven method; returns them as an array."""
+  if losses is None:
+    raise ValueError(
+      f"mtgrad.{method} needs the per-task losses: call "
+      f"update(task_grads, state, params, losses=losses) with losses of "
+      f"shape ({num_tasks},)."
+    )
+  losses = jnp.asarray(losses)
+  if losses.shape != (num_tasks,):
+    raise ValueError(
+      f"mtgrad.{method}: expected losses of shape ({num_tasks},) for "
+      f"T={num_tasks} tasks, got shape {losses.shape}."
+    )
+  if not jnp.issubdtype(losses.dtype, jnp.floating):
+    raise ValueError(f"mtgrad.{method}: losses must be floating point, got {losses.dtype}.")
+  return losses
+
+
+def require_num_tasks(num_tasks: int | None, method: str) -> int:
+  """Raises unless ``num_tasks`` is given, for methods with per-task state."""
+  if num_tasks is None:
+    raise ValueError(f"mtgrad.{method} keeps per-task state and needs num_tasks=T at construction.")
+  return num_tasks
+
+
+def safe_reciprocal(x: jax.Array) -> jax.Array:
+  """``1 / x`` where ``x != 0`` and ``0`` where ``x == 0``; NaN stays NaN."""
+  nonzero = x != 0
+  return jnp.where(nonzero, 1 / jnp.where(nonzero, x, 1), 0)
+
+
+def _cast_like(new: Any, old: Any) -> Any:
+  # Keeps state dtypes (and weak types) fixed across updates, so states pass
+  # through lax.cond / lax.scan unchanged.
+  return jax.tree.map(
+    lambda n, o: jnp.asarray(n, dtype=jnp.result_type(o)).reshape(jnp.shape(o)),
+    new,
+    old,
+  )
+
+
+def from_weighting(
+  weighting: WeightingFn,
+  *,
+  name: str = "from_weighting",
+  needs: Needs = "gram",
+  needs_losses: bool = False,
+  num_tasks: int | None = None,
+  init_state: Callable[[int], Any] | None = None,
+  key: KeyLike | None = None,
+  blocks: tree.Blocks = None,
+) -> BalancingTransformation:
+  """Builds a balancing transform ``sum_t w_t g_t`` from a weighting.
+
+  The update is one pass over the task gradients for what the weighting
+  needs (Gram matrix or squared norms; none for ``needs="nothing"``), the
+  weighting on ``[T, T]``-sized arrays, and one combine pass.
+
+  Args:
+    weighting: ``(gram, losses, state, key, *, num_tasks) -> (weights [T],
+      state)``; must be jit-able and, block-wise, ``vmap``-able.
+    name: the method name used in error messages.
+    needs: ``"gram"`` (``[T, T]``), ``"sq_norms"`` (``[T]``, the Gram
+      diagonal) or ``"nothing"``; what the weighting receives as ``gram``.
+    needs_losses: whether ``update`` requires ``losses=`` (``[T]``).
+    num_tasks: ``T`` or ``None``. Given, the state records the last
+      ``weights`` and ``update`` checks ``T``. Factories whose state depends
+      on ``T`` require it (:func:`require_num_tasks`).
+    init_state: ``num_tasks -> state`` for weightings with their own state
+      (one copy per block when block-wise); called with ``num_tasks`` as
+      given (possibly ``None`` for state that does not depend on ``T``, such
+      as a solver's :class:`mtgrad.SolverInfo`).
+    key: PRNG key (or int seed) for stochastic weightings; kept in the state
+      and split at every update.
+    blocks: ``None`` (one weighting for the whole tree), ``"leaf"`` (one per
+      leaf) or a pytree / callable of labels grouping leaves (see
+      :func:`mtgrad.block_ids`); weights are then ``[B, T]``.
+
+  Returns:
+    A :class:`BalancingTransformation` whose state is a
+    :class:`BalancingState`.
+
+  Example:
+    >>> import jax.numpy as jnp, mtgrad
+    >>> def halves(gram, losses, state, key, *, num_tasks):
+    ...   return jnp.full(num_tasks, 1 / num_tasks), state
+    >>> tx = mtgrad.from_weighting(halves, needs="nothing", num_tasks=2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> grads = {"w": jnp.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates["w"], state.weights
+    (Array([2., 2., 2.], dtype=float32), Array([0.5, 0.5], dtype=float32))
+  """
+  if needs not in ("gram", "sq_norms", "nothing"):
+    raise ValueError(
+      f"mtgrad.{name}: needs must be 'gram', 'sq_norms' or 'nothing', got {needs!r}."
+    )
+  if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
+    raise ValueError(f"mtgrad.{name}: num_tasks must be a positive int, got {num_tasks!r}.")
+  initial_key = as_key(key)
+
+  def init_fn(params):
+    acc = tree.accumulation_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+    num_blocks = None if blocks is None else len(tree.block_ids(blocks, params)[1])
+    weights = None
+    if num_tasks is not None:
+      shape = (num_tasks,) if num_blocks is None else (num_blocks, num_tasks)
+      weights = jnp.zeros(shape, acc)
+    weighting_state = () if init_state is None else init_state(num_tasks)
+    if num_blocks is not None:
+      weighting_state = jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_blocks, *jnp.shape(x))),
+        weighting_state,
+      )
+    return BalancingState(
+      count=jnp.zeros([], jnp.int32),
+      weights=weights,
+      key=initial_key,
+      weighting_state=weighting_state,
+    )
+
+  def update_fn(task_grads, state, params=None, *, losses=None, **extra_args):
+    del extra_args
+    t = tree.num_tasks(task_grads)
+    if num_tasks is not None and t != num_tasks:
+      raise ValueError(
+        f"mtgrad.{name} was built with num_tasks={num_tasks} but the task "
+        f"gradients have T={t} on their leading axis."
+      )
+    if params is not None:
+      tree.check_matches_params(task_grads, params)
+    losses = check_losses(losses, t, name) if needs_losses else None
+
+    if needs == "gram":
+      quantity = tree.gram(task_grads) if blocks is None else tree.block_gram(task_grads, blocks)
+    elif needs == "sq_norms":
+      quantity = (
+        tree.sq_norms(task_grads) if blocks is None else tree.block_sq_norms(task_grads, blocks)
+      )
+    else:
+      quantity = None
+
+    new_key, step_key = (None, None) if state.key is None else jax.random.split(state.key)
+    if blocks is None:
+      weights, weighting_state = weighting(
+        quantity, losses, state.weighting_state, step_key, num_tasks=t
+      )
+      expected_shape = (t,)
+    else:
+      num_blocks = len(tree.block_ids(blocks, tree.params_like(task_grads))[1])
+      keys = None if step_key is None else jax.random.split(step_key, num_blocks)
+      if quantity is None:
+        quantity = jnp.zeros((num_blocks, 0))  # vmap needs a mapped argument
+
+      def per_block(q, s, k):
+        return weighting(None if needs == "nothing" else q, losses, s, k, num_tasks=t)
+
+      weights, weighting_state = jax.vmap(per_block, in_axes=(0, 0, None if keys is None else 0))(
+        quantity, state.weighting_state, keys
+      )
+      expected_shape = (num_blocks, t)
+    weights = jnp.asarray(weights)
+    if weights.shape != expected_shape:
+      raise ValueError(
+        f"mtgrad.{name}: the weighting returned weights of shape "
+        f"{weights.shape}, expected {expected_shape}."
+      )
+
+    updates = tree.combine(task_grads, weights, blocks=blocks)
+    new_state = BalancingState(
+      count=optax.safe_int32_increment(state.count),
+      weights=None if state.weights is None else _cast_like(weights, state.weights),
+      key=new_key,
+      weighting_state=_cast_like(weighting_state, state.weighting_state),
+    )
+    return updates, new_state
+
+  return BalancingTransformation(init_fn, update_fn)

@@ -1,0 +1,165 @@
+"""The method registry: names, factories and declared properties.
+
+Every method is one entry of :data:`METHODS`. The test harness checks every
+declared property (and finds a counterexample to every undeclared one), the
+README's method table is checked against it, and ``mtgrad compare`` runs
+every entry. Adding a method is one module in ``_src/methods`` plus one
+entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from mtgrad._src import base
+from mtgrad._src.methods.constant import constant
+from mtgrad._src.methods.initial_loss import initial_loss
+from mtgrad._src.methods.inverse_loss import inverse_loss
+from mtgrad._src.methods.inverse_norm import inverse_norm
+from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.rlw import rlw
+from mtgrad._src.methods.sum import sum as sum_
+
+# Mathematical properties a method may declare. Each has a checker in the
+# test harness (tests/harness.py) and a counterexample search for methods
+# that do not declare it.
+LINEAR = "linear"
+"""The update is ``sum_t w_t g_t`` with ``w`` the state's ``weights``."""
+NON_CONFLICTING = "non_conflicting"
+"""``<d, g_t> >= 0`` for every task: no task's loss increases to first order."""
+PERMUTATION_EQUIVARIANT = "permutation_equivariant"
+"""Permuting the tasks (gradients and losses) leaves the update unchanged."""
+HOMOGENEOUS = "homogeneous"
+"""``d(c J) = c d(J)`` for ``c > 0`` (losses held fixed)."""
+LOSS_SCALE_INVARIANT = "loss_scale_invariant"
+"""Rescaling any task's loss, ``L_t -> c_t L_t`` (so ``g_t -> c_t g_t``),
+leaves the update unchanged."""
+
+PROPERTIES = (LINEAR, NON_CONFLICTING, PERMUTATION_EQUIVARIANT, HOMOGENEOUS, LOSS_SCALE_INVARIANT)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+  """A registry entry.
+
+  Attributes:
+    name: public name, ``mtgrad.<name>`` and ``mtgrad.get(name)``.
+    factory: the factory function.
+    paper: short citation.
+    needs_losses: ``update`` requires ``losses=``.
+    stateful: the factory requires ``num_tasks`` (per-task state).
+    stochastic: the factory takes a ``key``.
+    properties: the declared mathematical properties (see ``PROPERTIES``).
+    example_kwargs: ``(num_tasks) -> kwargs`` building a default instance for
+      ``T`` tasks (used by the tests and by ``mtgrad compare``); the ``key``
+      is added separately for stochastic methods.
+  """
+
+  name: str
+  factory: Callable[..., base.BalancingTransformation]
+  paper: str
+  needs_losses: bool = False
+  stateful: bool = False
+  stochastic: bool = False
+  properties: frozenset[str] = frozenset()
+  example_kwargs: Callable[[int], Mapping[str, Any]] = lambda num_tasks: {}
+
+  def make(self, num_tasks: int, key: Any = 0, **overrides) -> base.BalancingTransformation:
+    """A default instance for ``num_tasks`` tasks (``num_tasks`` always given)."""
+    kwargs = dict(self.example_kwargs(num_tasks))
+    if "weights" not in kwargs:
+      kwargs["num_tasks"] = num_tasks
+    if self.stochastic:
+      kwargs["key"] = key
+    kwargs.update(overrides)
+    return self.factory(**kwargs)
+
+
+_GEOMETRY_FREE = frozenset({LINEAR, PERMUTATION_EQUIVARIANT, HOMOGENEOUS})
+
+METHODS: tuple[MethodInfo, ...] = (
+  MethodInfo("sum", sum_, "LibMTL (Lin & Zhang 2023), equal weighting", properties=_GEOMETRY_FREE),
+  MethodInfo("mean", mean, "LibMTL (Lin & Zhang 2023)", properties=_GEOMETRY_FREE),
+  MethodInfo(
+    "constant",
+    constant,
+    "fixed hand-tuned weights",
+    properties=frozenset({LINEAR, HOMOGENEOUS}),
+    example_kwargs=lambda num_tasks: {
+      "weights": jnp.linspace(1.0, 0.25, num_tasks, dtype=jnp.float32)
+    },
+  ),
+  MethodInfo(
+    "rlw",
+    rlw,
+    "Lin et al., TMLR 2022 (Random Loss Weighting)",
+    stochastic=True,
+    properties=frozenset({LINEAR, HOMOGENEOUS}),
+  ),
+  MethodInfo(
+    "inverse_norm",
+    inverse_norm,
+    "Su, kexue.fm 8870 (2022): sum of unit gradients",
+    properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, LOSS_SCALE_INVARIANT}),
+  ),
+  MethodInfo(
+    "inverse_loss",
+    inverse_loss,
+    "Su, kexue.fm 8870 (2022): gradient of sum log L",
+    needs_losses=True,
+    properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, HOMOGENEOUS, LOSS_SCALE_INVARIANT}),
+  ),
+  MethodInfo(
+    "initial_loss",
+    initial_loss,
+    "Su, kexue.fm 8870 (2022): losses relative to L(0)",
+    needs_losses=True,
+    stateful=True,
+    properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, HOMOGENEOUS, LOSS_SCALE_INVARIANT}),
+  ),
+)
+
+_BY_NAME = {info.name: info for info in METHODS}
+
+
+def names() -> tuple[str, ...]:
+  """The registered method names, in registry order."""
+  return tuple(_BY_NAME)
+
+
+def info(name: str) -> MethodInfo:
+  """The registry entry of ``name``."""
+  try:
+    return _BY_NAME[name]
+  except KeyError:
+    close = difflib.get_close_matches(name, _BY_NAME, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+      f"mtgrad: unknown method {name!r}.{hint} Known: {', '.join(_BY_NAME)}."
+    ) from None
+
+
+def get(name: str, **kwargs: Any) -> base.BalancingTransformation:
+  """Builds the method registered as ``name`` with ``kwargs``.
+
+  For config-driven experiments: ``mtgrad.get("rlw", key=0)`` is
+  ``mtgrad.rlw(key=0)``.
+
+  Args:
+    name: a registered name (see :func:`mtgrad.names`).
+    **kwargs: the factory's arguments.
+
+  Returns:
+    The method's :class:`mtgrad.BalancingTransformation`.
+
+  Example:
+    >>> import mtgrad
+    >>> tx = mtgrad.get("mean")
+  """
+  return info(name).factory(**kwargs)
