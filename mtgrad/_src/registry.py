@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -73,7 +74,7 @@ class MethodInfo:
   def make(self, num_tasks: int, key: Any = 0, **overrides) -> base.BalancingTransformation:
     """A default instance for ``num_tasks`` tasks (``num_tasks`` always given)."""
     kwargs = dict(self.example_kwargs(num_tasks))
-    if "weights" not in kwargs:
+    if "num_tasks" in inspect.signature(self.factory).parameters:
       kwargs["num_tasks"] = num_tasks
     if self.stochastic:
       kwargs["key"] = key
