@@ -229,11 +229,16 @@ def _per_block(task_grads, blocks, leaf_fn) -> jax.Array:
 
 def _leaf_combine(weights: jax.Array, leaf: jax.Array) -> jax.Array:
   acc = accumulation_dtype(leaf.dtype, weights.dtype)
-  # Multiply-and-reduce over the task axis fuses into one pass over the leaf,
-  # with the upcast inside the fusion (no float32 copy of a bfloat16 leaf) and
-  # no reduced-precision matmul path on accelerators.
-  w = weights.astype(acc).reshape(weights.shape + (1,) * (leaf.ndim - 1))
-  return jnp.sum(w * leaf.astype(acc), axis=0).astype(leaf.dtype)
+  weights = weights.astype(acc)
+  # A trace-time sum over the T slices compiles to one elementwise fusion: a
+  # single pass over the leaf with the upcast inside it (no float32 copy of a
+  # bfloat16 leaf) and no reduced-precision matmul path on accelerators. XLA's
+  # reduction over a leading axis was 50-1000x slower on CPU
+  # (benchmarks/gram_combine.py).
+  out = weights[0] * leaf[0].astype(acc)
+  for t in range(1, leaf.shape[0]):
+    out = out + weights[t] * leaf[t].astype(acc)
+  return out.astype(leaf.dtype)
 
 
 def combine(task_grads: Any, weights: jax.Array, *, blocks: Blocks = None) -> Any:
