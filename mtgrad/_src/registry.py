@@ -164,3 +164,34 @@ def get(name: str, **kwargs: Any) -> base.BalancingTransformation:
     >>> tx = mtgrad.get("mean")
   """
   return info(name).factory(**kwargs)
+
+
+def markdown_table() -> str:
+  """The README's method table, generated from the registry.
+
+  Regenerate with ``python -m mtgrad._src.registry``; a test checks that the
+  README holds exactly this text between its ``methods-table`` markers.
+  """
+  short = {
+    LINEAR: "linear",
+    NON_CONFLICTING: "non-conflicting",
+    PERMUTATION_EQUIVARIANT: "permutation-equivariant",
+    HOMOGENEOUS: "homogeneous",
+    LOSS_SCALE_INVARIANT: "loss-scale-invariant",
+  }
+  yes = lambda flag: "yes" if flag else ""
+  lines = [
+    "| method | paper | needs losses | stateful | stochastic | properties |",
+    "|---|---|---|---|---|---|",
+  ]
+  for m in METHODS:
+    props = ", ".join(short[p] for p in PROPERTIES if p in m.properties)
+    lines.append(
+      f"| `{m.name}` | {m.paper} | {yes(m.needs_losses)} | {yes(m.stateful)} "
+      f"| {yes(m.stochastic)} | {props} |"
+    )
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  print(markdown_table())

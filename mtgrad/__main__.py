@@ -1,0 +1,3 @@
+from mtgrad.cli import main
+
+raise SystemExit(main())
