@@ -136,6 +136,7 @@ def train(problem: Problem, method: str, steps: int, seed: int) -> dict:
   return {
     "method": method,
     "test_losses": test.tolist(),
+    "final_train_losses": np.asarray(losses[-1]).tolist(),
     "step_ms": 1e3 * elapsed / steps,
     "final_weights": None if weights is None else np.asarray(weights[-1]).tolist(),
     "finite": bool(np.all(np.isfinite(test))),
