@@ -27,6 +27,10 @@ def constant(weights: jax.typing.ArrayLike) -> base.BalancingTransformation:
     >>> grads = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
     >>> tx.update(grads, tx.init({"w": jnp.zeros(2)}))[0]
     {'w': Array([1. , 0.2], dtype=float32)}
+
+  References:
+    Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh
+    Losses*, CVPR 2018, section 1 (the cost of grid-searching such weights).
   """
   weights = jnp.asarray(weights)
   if weights.ndim != 1 or weights.shape[0] < 1:
