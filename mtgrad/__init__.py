@@ -8,11 +8,14 @@ from mtgrad._src.base import require_num_tasks
 from mtgrad._src.base import safe_reciprocal
 from mtgrad._src.jacobian import value_and_jacobian
 from mtgrad._src.methods.constant import constant
+from mtgrad._src.methods.gradvac import GradVacState
+from mtgrad._src.methods.gradvac import gradvac
 from mtgrad._src.methods.initial_loss import InitialLossState
 from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
 from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
 from mtgrad._src.methods.sum import sum  # noqa: A004
 from mtgrad._src.registry import MethodInfo
@@ -33,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = (
   "BalancingState",
   "BalancingTransformation",
+  "GradVacState",
   "InitialLossState",
   "MethodInfo",
   "SolverInfo",
@@ -44,6 +48,7 @@ __all__ = (
   "constant",
   "from_weighting",
   "get",
+  "gradvac",
   "gram",
   "info",
   "initial_loss",
@@ -52,6 +57,7 @@ __all__ = (
   "mean",
   "names",
   "num_tasks",
+  "pcgrad",
   "require_num_tasks",
   "rlw",
   "safe_reciprocal",

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 
 from mtgrad._src import base
 from mtgrad._src.methods.constant import constant
+from mtgrad._src.methods.gradvac import gradvac
 from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
 from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
 from mtgrad._src.methods.sum import sum as sum_
 
@@ -123,6 +125,21 @@ METHODS: tuple[MethodInfo, ...] = (
     needs_losses=True,
     stateful=True,
     properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, HOMOGENEOUS, LOSS_SCALE_INVARIANT}),
+  ),
+  MethodInfo(
+    "pcgrad",
+    pcgrad,
+    "Yu et al., NeurIPS 2020 (PCGrad, gradient surgery)",
+    stochastic=True,
+    properties=frozenset({LINEAR, HOMOGENEOUS}),
+  ),
+  MethodInfo(
+    "gradvac",
+    gradvac,
+    "Wang et al., ICLR 2021 (Gradient Vaccine)",
+    stateful=True,
+    stochastic=True,
+    properties=frozenset({LINEAR, HOMOGENEOUS}),
   ),
 )
 
