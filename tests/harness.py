@@ -189,9 +189,19 @@ def _close(a: np.ndarray, b: np.ndarray, magnitude: float) -> bool:
   return bool(np.all(np.abs(a - b) <= RTOL * (np.abs(b) + magnitude) + 1e-30))
 
 
+_BASE_RUNS: dict[tuple[str, str], Outcome] = {}
+
+
+def base_run(name: str, case: Case) -> Outcome:
+  """``run(name, case)``, computed once per method and case."""
+  if (name, case.name) not in _BASE_RUNS:
+    _BASE_RUNS[name, case.name] = run(name, case)
+  return _BASE_RUNS[name, case.name]
+
+
 def violation(name: str, prop: str, case: Case) -> str | None:
   """``None`` if ``prop`` holds for method ``name`` on ``case``, else why not."""
-  base = run(name, case)
+  base = base_run(name, case)
   seq = [(case.matrix, case.losses), _second_step(case.matrix, case.losses)]
   if prop == registry.LINEAR:
     for step, (update, w, (m, _)) in enumerate(zip(base.updates, base.weights, seq, strict=True)):
