@@ -15,6 +15,8 @@ from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
 from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.mgda import mgda
+from mtgrad._src.methods.min_norm import min_norm
 from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
 from mtgrad._src.methods.sum import sum  # noqa: A004
@@ -23,6 +25,7 @@ from mtgrad._src.registry import get
 from mtgrad._src.registry import info
 from mtgrad._src.registry import names
 from mtgrad._src.solvers.info import SolverInfo
+from mtgrad._src.solvers.min_norm import MinNormState
 from mtgrad._src.tree import block_gram
 from mtgrad._src.tree import block_ids
 from mtgrad._src.tree import block_sq_norms
@@ -39,6 +42,7 @@ __all__ = (
   "GradVacState",
   "InitialLossState",
   "MethodInfo",
+  "MinNormState",
   "SolverInfo",
   "WeightingFn",
   "block_gram",
@@ -55,6 +59,8 @@ __all__ = (
   "inverse_loss",
   "inverse_norm",
   "mean",
+  "mgda",
+  "min_norm",
   "names",
   "num_tasks",
   "pcgrad",

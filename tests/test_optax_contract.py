@@ -106,7 +106,7 @@ def test_inject_hyperparams(name):
     others["num_tasks"] = 2
   if info.stochastic:
     others["key"] = 0
-  static = tuple(others)
+  static = tuple(p for p in inspect.signature(info.factory).parameters if p not in hyper)
   tx = optax.inject_hyperparams(info.factory, static_args=static)(**others, **hyper)
   params, losses_fn = _problem()
   losses, grads = mtgrad.value_and_jacobian(losses_fn)(params)

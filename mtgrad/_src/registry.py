@@ -25,6 +25,8 @@ from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
 from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.mgda import mgda
+from mtgrad._src.methods.min_norm import min_norm
 from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
 from mtgrad._src.methods.sum import sum as sum_
@@ -108,23 +110,35 @@ METHODS: tuple[MethodInfo, ...] = (
   MethodInfo(
     "inverse_norm",
     inverse_norm,
-    "Su, kexue.fm 8870 (2022): sum of unit gradients",
+    "Su, MTL part 1 (kexue.fm 2022): sum of unit gradients",
     properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, LOSS_SCALE_INVARIANT}),
   ),
   MethodInfo(
     "inverse_loss",
     inverse_loss,
-    "Su, kexue.fm 8870 (2022): gradient of sum log L",
+    "Su, MTL part 1 (kexue.fm 2022): gradient of sum log L",
     needs_losses=True,
     properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, HOMOGENEOUS, LOSS_SCALE_INVARIANT}),
   ),
   MethodInfo(
     "initial_loss",
     initial_loss,
-    "Su, kexue.fm 8870 (2022): losses relative to L(0)",
+    "Su, MTL part 1 (kexue.fm 2022): losses relative to L(0)",
     needs_losses=True,
     stateful=True,
     properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT, HOMOGENEOUS, LOSS_SCALE_INVARIANT}),
+  ),
+  MethodInfo(
+    "mgda",
+    mgda,
+    "Sener & Koltun, NeurIPS 2018 (MGDA-UB min-norm); Su, MTL part 2 (kexue.fm 2022)",
+    properties=frozenset({LINEAR, NON_CONFLICTING, PERMUTATION_EQUIVARIANT, HOMOGENEOUS}),
+  ),
+  MethodInfo(
+    "min_norm",
+    min_norm,
+    "Su, MTL part 3 (kexue.fm 8907, 2022): primary/auxiliary min-norm",
+    properties=frozenset({LINEAR, NON_CONFLICTING, HOMOGENEOUS}),
   ),
   MethodInfo(
     "pcgrad",

@@ -51,7 +51,8 @@ def initial_loss(*, num_tasks: int | None = None) -> base.BalancingTransformatio
     {'w': Array([0.5, 2. ], dtype=float32)}
 
   References:
-    Su Jianlin, *多任务学习漫谈（一）：以损失之名*, kexue.fm/archives/8870, 2022.
+    Su Jianlin, *多任务学习漫谈（一）：以损失之名*,
+    kexue.fm, 2022 (part 1 of the series; part 3 is kexue.fm/archives/8907).
 
   Warning:
     An initial loss that is exactly zero gets weight 0 instead of ``1/0``.

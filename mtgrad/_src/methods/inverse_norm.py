@@ -44,7 +44,8 @@ def inverse_norm(
 
   References:
     Su Jianlin, *多任务学习漫谈（一）：以损失之名* (Multi-task learning, part 1:
-    in the name of the loss), kexue.fm/archives/8870, 2022.
+    in the name of the loss),
+    kexue.fm, 2022 (part 1 of the series; part 3 is kexue.fm/archives/8907).
 
   Warning:
     A task whose gradient is exactly zero gets weight 0 (not ``1/0``), so
