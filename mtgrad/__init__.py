@@ -7,7 +7,13 @@ from mtgrad._src.base import from_weighting
 from mtgrad._src.base import require_num_tasks
 from mtgrad._src.base import safe_reciprocal
 from mtgrad._src.jacobian import value_and_jacobian
+from mtgrad._src.methods.aligned_mtl import AlignedMTLState
+from mtgrad._src.methods.aligned_mtl import aligned_mtl
+from mtgrad._src.methods.conflict_free import conflict_free
 from mtgrad._src.methods.constant import constant
+from mtgrad._src.methods.dualproj import dualproj
+from mtgrad._src.methods.fairgrad import FairGradState
+from mtgrad._src.methods.fairgrad import fairgrad
 from mtgrad._src.methods.gradvac import GradVacState
 from mtgrad._src.methods.gradvac import gradvac
 from mtgrad._src.methods.initial_loss import InitialLossState
@@ -17,13 +23,17 @@ from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
 from mtgrad._src.methods.mgda import mgda
 from mtgrad._src.methods.min_norm import min_norm
+from mtgrad._src.methods.nash_mtl import NashMTLState
+from mtgrad._src.methods.nash_mtl import nash_mtl
 from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
 from mtgrad._src.methods.sum import sum  # noqa: A004
+from mtgrad._src.methods.upgrad import upgrad
 from mtgrad._src.registry import MethodInfo
 from mtgrad._src.registry import get
 from mtgrad._src.registry import info
 from mtgrad._src.registry import names
+from mtgrad._src.solvers.dual_cone import DualConeState
 from mtgrad._src.solvers.info import SolverInfo
 from mtgrad._src.solvers.min_norm import MinNormState
 from mtgrad._src.tree import block_gram
@@ -37,19 +47,27 @@ from mtgrad._src.tree import sq_norms
 __version__ = "0.1.0"
 
 __all__ = (
+  "AlignedMTLState",
   "BalancingState",
   "BalancingTransformation",
+  "DualConeState",
+  "FairGradState",
   "GradVacState",
   "InitialLossState",
   "MethodInfo",
   "MinNormState",
+  "NashMTLState",
   "SolverInfo",
   "WeightingFn",
+  "aligned_mtl",
   "block_gram",
   "block_ids",
   "block_sq_norms",
   "combine",
+  "conflict_free",
   "constant",
+  "dualproj",
+  "fairgrad",
   "from_weighting",
   "get",
   "gradvac",
@@ -62,6 +80,7 @@ __all__ = (
   "mgda",
   "min_norm",
   "names",
+  "nash_mtl",
   "num_tasks",
   "pcgrad",
   "require_num_tasks",
@@ -69,5 +88,6 @@ __all__ = (
   "safe_reciprocal",
   "sq_norms",
   "sum",
+  "upgrad",
   "value_and_jacobian",
 )

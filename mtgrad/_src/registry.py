@@ -19,7 +19,11 @@ from typing import Any
 import jax.numpy as jnp
 
 from mtgrad._src import base
+from mtgrad._src.methods.aligned_mtl import aligned_mtl
+from mtgrad._src.methods.conflict_free import conflict_free
 from mtgrad._src.methods.constant import constant
+from mtgrad._src.methods.dualproj import dualproj
+from mtgrad._src.methods.fairgrad import fairgrad
 from mtgrad._src.methods.gradvac import gradvac
 from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
@@ -27,9 +31,11 @@ from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
 from mtgrad._src.methods.mgda import mgda
 from mtgrad._src.methods.min_norm import min_norm
+from mtgrad._src.methods.nash_mtl import nash_mtl
 from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
 from mtgrad._src.methods.sum import sum as sum_
+from mtgrad._src.methods.upgrad import upgrad
 
 # Mathematical properties a method may declare. Each has a checker in the
 # test harness (tests/harness.py) and a counterexample search for methods
@@ -154,6 +160,43 @@ METHODS: tuple[MethodInfo, ...] = (
     stateful=True,
     stochastic=True,
     properties=frozenset({LINEAR, HOMOGENEOUS}),
+  ),
+  MethodInfo(
+    "nash_mtl",
+    nash_mtl,
+    "Navon et al., ICML 2022 (Multi-Task Learning as a Bargaining Game)",
+    stateful=True,
+    properties=frozenset({LINEAR, NON_CONFLICTING, PERMUTATION_EQUIVARIANT, LOSS_SCALE_INVARIANT}),
+  ),
+  MethodInfo(
+    "fairgrad",
+    fairgrad,
+    "Ban & Ji, ICML 2024 (Fair Resource Allocation in Multi-Task Learning)",
+    properties=frozenset({LINEAR, NON_CONFLICTING, PERMUTATION_EQUIVARIANT, LOSS_SCALE_INVARIANT}),
+  ),
+  MethodInfo(
+    "upgrad",
+    upgrad,
+    "Quinton & Rey 2024 (torchjd, Jacobian descent: UPGrad)",
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "dualproj",
+    dualproj,
+    "Quinton & Rey 2024 (torchjd: DualProj)",
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "aligned_mtl",
+    aligned_mtl,
+    "Senushkin et al., CVPR 2023 (Aligned-MTL)",
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "conflict_free",
+    conflict_free,
+    "Liu, Chu & Thuerey 2024 (ConFIG, conflict-free inverse gradients)",
+    properties=_GEOMETRY_FREE,
   ),
 )
 
