@@ -9,13 +9,19 @@ from mtgrad._src.base import safe_reciprocal
 from mtgrad._src.jacobian import value_and_jacobian
 from mtgrad._src.methods.aligned_mtl import AlignedMTLState
 from mtgrad._src.methods.aligned_mtl import aligned_mtl
+from mtgrad._src.methods.cagrad import CAGradState
+from mtgrad._src.methods.cagrad import cagrad
 from mtgrad._src.methods.conflict_free import conflict_free
 from mtgrad._src.methods.constant import constant
 from mtgrad._src.methods.dualproj import dualproj
 from mtgrad._src.methods.fairgrad import FairGradState
 from mtgrad._src.methods.fairgrad import fairgrad
+from mtgrad._src.methods.graddrop import GradDropState
+from mtgrad._src.methods.graddrop import graddrop
 from mtgrad._src.methods.gradvac import GradVacState
 from mtgrad._src.methods.gradvac import gradvac
+from mtgrad._src.methods.imtl_g import IMTLGState
+from mtgrad._src.methods.imtl_g import imtl_g
 from mtgrad._src.methods.initial_loss import InitialLossState
 from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
@@ -50,9 +56,12 @@ __all__ = (
   "AlignedMTLState",
   "BalancingState",
   "BalancingTransformation",
+  "CAGradState",
   "DualConeState",
   "FairGradState",
+  "GradDropState",
   "GradVacState",
+  "IMTLGState",
   "InitialLossState",
   "MethodInfo",
   "MinNormState",
@@ -63,6 +72,7 @@ __all__ = (
   "block_gram",
   "block_ids",
   "block_sq_norms",
+  "cagrad",
   "combine",
   "conflict_free",
   "constant",
@@ -70,8 +80,10 @@ __all__ = (
   "fairgrad",
   "from_weighting",
   "get",
+  "graddrop",
   "gradvac",
   "gram",
+  "imtl_g",
   "info",
   "initial_loss",
   "inverse_loss",

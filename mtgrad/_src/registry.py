@@ -20,11 +20,14 @@ import jax.numpy as jnp
 
 from mtgrad._src import base
 from mtgrad._src.methods.aligned_mtl import aligned_mtl
+from mtgrad._src.methods.cagrad import cagrad
 from mtgrad._src.methods.conflict_free import conflict_free
 from mtgrad._src.methods.constant import constant
 from mtgrad._src.methods.dualproj import dualproj
 from mtgrad._src.methods.fairgrad import fairgrad
+from mtgrad._src.methods.graddrop import graddrop
 from mtgrad._src.methods.gradvac import gradvac
+from mtgrad._src.methods.imtl_g import imtl_g
 from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
 from mtgrad._src.methods.inverse_norm import inverse_norm
@@ -160,6 +163,25 @@ METHODS: tuple[MethodInfo, ...] = (
     stateful=True,
     stochastic=True,
     properties=frozenset({LINEAR, HOMOGENEOUS}),
+  ),
+  MethodInfo(
+    "cagrad",
+    cagrad,
+    "Liu et al., NeurIPS 2021 (Conflict-Averse Gradient descent)",
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "imtl_g",
+    imtl_g,
+    "Liu et al., ICLR 2021 (Impartial MTL, gradient part)",
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "graddrop",
+    graddrop,
+    "Chen et al., NeurIPS 2020 (Gradient Sign Dropout)",
+    stochastic=True,
+    properties=frozenset({PERMUTATION_EQUIVARIANT, HOMOGENEOUS}),
   ),
   MethodInfo(
     "nash_mtl",
