@@ -9,7 +9,6 @@ from mtgrad._src.base import safe_reciprocal
 from mtgrad._src.jacobian import value_and_jacobian
 from mtgrad._src.methods.aligned_mtl import AlignedMTLState
 from mtgrad._src.methods.aligned_mtl import aligned_mtl
-from mtgrad._src.methods.cagrad import CAGradState
 from mtgrad._src.methods.cagrad import cagrad
 from mtgrad._src.methods.conflict_free import conflict_free
 from mtgrad._src.methods.constant import constant
@@ -39,9 +38,8 @@ from mtgrad._src.registry import MethodInfo
 from mtgrad._src.registry import get
 from mtgrad._src.registry import info
 from mtgrad._src.registry import names
-from mtgrad._src.solvers.dual_cone import DualConeState
 from mtgrad._src.solvers.info import SolverInfo
-from mtgrad._src.solvers.min_norm import MinNormState
+from mtgrad._src.solvers.info import SolverState
 from mtgrad._src.tree import block_gram
 from mtgrad._src.tree import block_ids
 from mtgrad._src.tree import block_sq_norms
@@ -56,17 +54,15 @@ __all__ = (
   "AlignedMTLState",
   "BalancingState",
   "BalancingTransformation",
-  "CAGradState",
-  "DualConeState",
   "FairGradState",
   "GradDropState",
   "GradVacState",
   "IMTLGState",
   "InitialLossState",
   "MethodInfo",
-  "MinNormState",
   "NashMTLState",
   "SolverInfo",
+  "SolverState",
   "WeightingFn",
   "aligned_mtl",
   "block_gram",

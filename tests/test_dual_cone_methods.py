@@ -38,9 +38,9 @@ from mtgrad._src.methods.dualproj import dualproj
 from mtgrad._src.methods.dualproj import dualproj_weights
 from mtgrad._src.methods.upgrad import upgrad
 from mtgrad._src.methods.upgrad import upgrad_weights
-from mtgrad._src.solvers.dual_cone import default_max_iters
 from mtgrad._src.solvers.dual_cone import project_weights
 from mtgrad._src.solvers.dual_cone import project_weights_many
+from mtgrad._src.solvers.info import default_max_iters
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -23,7 +23,7 @@ import scipy.optimize
 
 from mtgrad._src.methods.mgda import mgda
 from mtgrad._src.methods.min_norm import min_norm
-from mtgrad._src.solvers.min_norm import default_max_iters
+from mtgrad._src.solvers.info import default_max_iters
 from mtgrad._src.solvers.min_norm import min_norm_weights
 
 EPS32 = float(np.finfo(np.float32).eps)

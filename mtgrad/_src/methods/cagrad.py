@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Literal
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +10,10 @@ import jax.numpy as jnp
 from mtgrad._src import base
 from mtgrad._src import tree
 from mtgrad._src.solvers.cagrad import cagrad_weights
-from mtgrad._src.solvers.info import SolverInfo
+from mtgrad._src.solvers.info import SolverState
 
 Rescale = Literal["none", "1+c", "1+c^2"]
 _RESCALES = ("none", "1+c", "1+c^2")
-
-
-class CAGradState(NamedTuple):
-  """Weighting state of :func:`cagrad` (``state.weighting_state``).
-
-  Attributes:
-    info: convergence of the last dual solve (:class:`mtgrad.SolverInfo`).
-  """
-
-  info: SolverInfo
 
 
 def _check_concrete(name: str, value, low: float, *, integer: bool = False) -> None:
@@ -95,7 +84,7 @@ def cagrad(
 
   Returns:
     A :class:`mtgrad.BalancingTransformation`; its state's
-    ``weighting_state`` is a :class:`CAGradState` whose ``info`` reports
+    ``weighting_state`` is a :class:`mtgrad.SolverState` whose ``info`` reports
     the dual solve (one per block when block-wise).
 
   Example:
@@ -139,7 +128,7 @@ def cagrad(
 
   def init_state(num_tasks):
     del num_tasks
-    return CAGradState(info=SolverInfo.initial())
+    return SolverState.initial()
 
   def weighting(gram, losses, state, key, *, num_tasks):
     del losses, key, state, num_tasks
@@ -149,7 +138,7 @@ def cagrad(
       weights = weights / (1 + coef)
     elif rescale == "1+c^2":
       weights = weights / (1 + coef**2)
-    return weights, CAGradState(info=info)
+    return weights, SolverState(info=info)
 
   return base.from_weighting(
     weighting,

@@ -11,6 +11,7 @@ from mtgrad._src.methods.upgrad import check_hyperparameters
 from mtgrad._src.methods.upgrad import check_pref_vector
 from mtgrad._src.methods.upgrad import preference
 from mtgrad._src.solvers import dual_cone
+from mtgrad._src.solvers.info import SolverState
 
 
 def dualproj_weights(
@@ -129,13 +130,13 @@ def dualproj(
     weights, info = dualproj_weights(
       gram, pref, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
-    return weights, dual_cone.DualConeState(info)
+    return weights, SolverState(info)
 
   return base.from_weighting(
     weighting,
     name="dualproj",
     needs="gram",
     num_tasks=num_tasks,
-    init_state=dual_cone.init_dual_cone_state,
+    init_state=SolverState.initial,
     blocks=blocks,
   )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from mtgrad._src import base
 from mtgrad._src import tree
 from mtgrad._src.solvers import min_norm as solver
+from mtgrad._src.solvers.info import SolverState
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -127,7 +128,7 @@ def mgda(
     del state, key, num_tasks
     if normalization == "none":
       weights, info = solver.min_norm_weights(gram, max_iters=max_iters, tol=tol)
-      return weights, solver.MinNormState(info)
+      return weights, SolverState(info)
     if normalization == "loss":
       normalizer = losses
     else:
@@ -139,7 +140,7 @@ def mgda(
     weights, info = solver.min_norm_weights(normalized_gram, max_iters=max_iters, tol=tol)
     if combine_with == "normalized":
       weights = weights * inverse.astype(weights.dtype)
-    return weights, solver.MinNormState(info)
+    return weights, SolverState(info)
 
   return base.from_weighting(
     weighting,
@@ -147,6 +148,6 @@ def mgda(
     needs="gram",
     needs_losses=normalization in ("loss", "loss+"),
     num_tasks=num_tasks,
-    init_state=solver.init_min_norm_state,
+    init_state=SolverState.initial,
     blocks=blocks,
   )

@@ -10,6 +10,7 @@ import numpy as np
 from mtgrad._src import base
 from mtgrad._src import tree
 from mtgrad._src.solvers import min_norm as solver
+from mtgrad._src.solvers.info import SolverState
 
 
 def _primary_indices(primary: int | Sequence[int]) -> tuple[int, ...]:
@@ -124,13 +125,13 @@ def min_norm(
     mask = np.zeros(num_tasks, bool)
     mask[list(indices)] = True
     weights, info = solver.min_norm_weights(gram, mask, max_iters=max_iters, tol=tol)
-    return weights, solver.MinNormState(info)
+    return weights, SolverState(info)
 
   return base.from_weighting(
     weighting,
     name="min_norm",
     needs="gram",
     num_tasks=num_tasks,
-    init_state=solver.init_min_norm_state,
+    init_state=SolverState.initial,
     blocks=blocks,
   )

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from mtgrad._src import base
 from mtgrad._src import tree
 from mtgrad._src.solvers import dual_cone
+from mtgrad._src.solvers.info import SolverState
 
 
 def check_hyperparameters(method: str, **values) -> None:
@@ -187,13 +188,13 @@ def upgrad(
     weights, info = upgrad_weights(
       gram, pref, norm_eps=norm_eps, reg_eps=reg_eps, max_iters=max_iters, tol=tol
     )
-    return weights, dual_cone.DualConeState(info)
+    return weights, SolverState(info)
 
   return base.from_weighting(
     weighting,
     name="upgrad",
     needs="gram",
     num_tasks=num_tasks,
-    init_state=dual_cone.init_dual_cone_state,
+    init_state=SolverState.initial,
     blocks=blocks,
   )

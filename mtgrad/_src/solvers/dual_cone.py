@@ -46,36 +46,12 @@ bound. NaN or infinite inputs give NaN without iterating.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from mtgrad._src.solvers.info import SolverInfo
-
-
-class DualConeState(NamedTuple):
-  """Weighting state of the methods built on :func:`project_weights`.
-
-  Attributes:
-    info: the :class:`mtgrad.SolverInfo` of the last solve (for several
-      right-hand sides at once: the most iterations, the worst residual and
-      whether all converged); one per block when block-wise.
-  """
-
-  info: SolverInfo
-
-
-def init_dual_cone_state(num_tasks: int | None = None) -> DualConeState:
-  """The state before the first solve (does not depend on ``T``)."""
-  del num_tasks
-  return DualConeState(info=SolverInfo.initial())
-
-
-def default_max_iters(num_tasks: int) -> int:
-  """Iteration budget used when ``max_iters`` is ``None``: ``4 T + 20``."""
-  return 4 * num_tasks + 20
+from mtgrad._src.solvers.info import default_max_iters
 
 
 def default_tol(dtype) -> float:

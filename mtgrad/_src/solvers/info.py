@@ -31,3 +31,27 @@ class SolverInfo(NamedTuple):
       residual=jnp.zeros([], jnp.float32),
       converged=jnp.zeros([], bool),
     )
+
+
+class SolverState(NamedTuple):
+  """Weighting state of the methods whose only state is a solver's report.
+
+  Attributes:
+    info: the :class:`SolverInfo` of the last solve (one per block when
+      block-wise; for several solves in one step, the merged report).
+  """
+
+  info: SolverInfo
+
+  @classmethod
+  def initial(cls, num_tasks: int | None = None) -> SolverState:
+    """The state before the first solve; an ``init_state`` for
+    :func:`mtgrad.from_weighting` (it does not depend on ``T``)."""
+    del num_tasks
+    return cls(info=SolverInfo.initial())
+
+
+def default_max_iters(num_tasks: int) -> int:
+  """The active-set solvers' iteration budget when ``max_iters`` is ``None``:
+  ``4 T + 20`` (each iteration adds or drops one task from the support)."""
+  return 4 * num_tasks + 20

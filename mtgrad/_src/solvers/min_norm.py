@@ -63,28 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mtgrad._src.solvers.info import SolverInfo
-
-
-class MinNormState(NamedTuple):
-  """Weighting state of the methods built on :func:`min_norm_weights`.
-
-  Attributes:
-    info: the :class:`mtgrad.SolverInfo` of the last solve (one per block
-      when block-wise).
-  """
-
-  info: SolverInfo
-
-
-def init_min_norm_state(num_tasks: int | None = None) -> MinNormState:
-  """The state before the first solve (does not depend on ``T``)."""
-  del num_tasks
-  return MinNormState(info=SolverInfo.initial())
-
-
-def default_max_iters(num_tasks: int) -> int:
-  """Iteration budget used when ``max_iters`` is ``None``: ``4 T + 20``."""
-  return 4 * num_tasks + 20
+from mtgrad._src.solvers.info import default_max_iters
 
 
 def default_tol(dtype) -> float:
