@@ -295,8 +295,8 @@ def aligned_mtl(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from mtgrad._src.methods.aligned_mtl import aligned_mtl
-    >>> tx = aligned_mtl(num_tasks=2)
+    >>> import mtgrad
+    >>> tx = mtgrad.aligned_mtl(num_tasks=2)
     >>> grads = {"w": jnp.array([[3.0, 0.0], [0.0, 1.0]])}
     >>> updates, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
     >>> [round(x, 4) for x in updates["w"].tolist()]  # both directions at length 1

@@ -94,8 +94,8 @@ def conflict_free(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from mtgrad._src.methods.conflict_free import conflict_free
-    >>> tx = conflict_free(num_tasks=2)
+    >>> import mtgrad
+    >>> tx = mtgrad.conflict_free(num_tasks=2)
     >>> grads = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}
     >>> updates, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
     >>> [round(x, 4) for x in updates["w"].tolist()]  # along (1, 1), length 3/sqrt(2)

@@ -97,8 +97,8 @@ def dualproj(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from mtgrad._src.methods.dualproj import dualproj
-    >>> tx = dualproj(num_tasks=2, reg_eps=0.0)
+    >>> import mtgrad
+    >>> tx = mtgrad.dualproj(num_tasks=2, reg_eps=0.0)
     >>> grads = {"w": jnp.array([[1.0, 0.0], [-2.0, 1.0]])}
     >>> updates, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
     >>> [round(x, 4) for x in updates["w"].tolist()]  # the mean is (-0.5, 0.5)

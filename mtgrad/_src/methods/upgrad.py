@@ -150,8 +150,8 @@ def upgrad(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from mtgrad._src.methods.upgrad import upgrad
-    >>> tx = upgrad(num_tasks=2, reg_eps=0.0)
+    >>> import mtgrad
+    >>> tx = mtgrad.upgrad(num_tasks=2, reg_eps=0.0)
     >>> grads = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
     >>> updates, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
     >>> [round(x, 4) for x in updates["w"].tolist()]
