@@ -227,18 +227,26 @@ def _per_block(task_grads, blocks, leaf_fn) -> jax.Array:
   return jnp.stack(sums)
 
 
+def task_sum(stacked: jax.Array) -> jax.Array:
+  """The sum over the leading task axis, as one fused elementwise pass.
+
+  Summing the ``T`` slices at trace time compiles to a single elementwise
+  fusion (the producers of ``stacked``, such as an upcast or a product with
+  the weights, fuse into it). XLA's reduction over a leading axis ran
+  50-1000x slower on CPU (benchmarks/gram_combine.py).
+  """
+  out = stacked[0]
+  for t in range(1, stacked.shape[0]):
+    out = out + stacked[t]
+  return out
+
+
 def _leaf_combine(weights: jax.Array, leaf: jax.Array) -> jax.Array:
   acc = accumulation_dtype(leaf.dtype, weights.dtype)
-  weights = weights.astype(acc)
-  # A trace-time sum over the T slices compiles to one elementwise fusion: a
-  # single pass over the leaf with the upcast inside it (no float32 copy of a
-  # bfloat16 leaf) and no reduced-precision matmul path on accelerators. XLA's
-  # reduction over a leading axis was 50-1000x slower on CPU
-  # (benchmarks/gram_combine.py).
-  out = weights[0] * leaf[0].astype(acc)
-  for t in range(1, leaf.shape[0]):
-    out = out + weights[t] * leaf[t].astype(acc)
-  return out.astype(leaf.dtype)
+  # The upcast happens inside the fusion (no float32 copy of a bfloat16
+  # leaf), and there is no reduced-precision matmul path on accelerators.
+  w = weights.astype(acc).reshape(weights.shape + (1,) * (leaf.ndim - 1))
+  return task_sum(w * leaf.astype(acc)).astype(leaf.dtype)
 
 
 def combine(task_grads: Any, weights: jax.Array, *, blocks: Blocks = None) -> Any:

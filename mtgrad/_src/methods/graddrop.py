@@ -138,8 +138,8 @@ def graddrop(
       acc = tree.accumulation_dtype(leaf.dtype)
       g = leaf.astype(acc)
       expand = (1,) * (leaf.ndim - 1)
-      total = jnp.sum(g, axis=0)
-      mass = jnp.sum(jnp.abs(g), axis=0)
+      total = tree.task_sum(g)
+      mass = tree.task_sum(jnp.abs(g))
       purity = 0.5 * (1 + total * base.safe_reciprocal(mass))  # [*leaf_shape]
       # U in [tiny, 1): P = 1 always keeps, P = 0 always drops positives.
       uniform = jax.random.uniform(
@@ -150,7 +150,7 @@ def graddrop(
       mask = (keep_positive & (g > 0)) | (keep_negative & (g < 0))
       rate = jnp.asarray(leak, acc).reshape((-1 if leak_shape else 1, *expand))
       factor = rate + (1 - rate) * mask.astype(acc)
-      out = jnp.sum(factor * g, axis=0)
+      out = tree.task_sum(factor * g)
       # Non-finite in, non-finite out: XLA may turn `mask * g` into a select,
       # which would hide a NaN (or inf) in a dropped entry.
       out = jnp.where(jnp.isfinite(mass), out, total)
