@@ -227,17 +227,26 @@ def _per_block(task_grads, blocks, leaf_fn) -> jax.Array:
   return jnp.stack(sums)
 
 
-def task_sum(stacked: jax.Array) -> jax.Array:
-  """The sum over the leading task axis, as one fused elementwise pass.
+def task_sum(fn: Callable[..., jax.Array], *stacked: jax.Array) -> jax.Array:
+  """``sum_t fn(stacked[0][t], stacked[1][t], ...)``, one fused pass.
 
-  Summing the ``T`` slices at trace time compiles to a single elementwise
-  fusion (the producers of ``stacked``, such as an upcast or a product with
-  the weights, fuse into it). XLA's reduction over a leading axis ran
-  50-1000x slower on CPU (benchmarks/gram_combine.py).
+  The ``T`` slices are taken and summed at trace time, so XLA compiles one
+  elementwise fusion that reads each input once (an upcast or a product
+  with a weight inside ``fn`` fuses too). XLA's reduction over a leading
+  axis ran 50-1000x slower on CPU, and broadcasting ``fn`` over the whole
+  stack before slicing fell off the same cliff for ``T`` around 20 or more
+  (benchmarks/gram_combine.py and step_time.py).
+
+  Args:
+    fn: elementwise function of one slice of each stacked input.
+    *stacked: arrays with the same leading task axis ``T``.
+
+  Returns:
+    The sum over tasks of ``fn`` on each task's slices.
   """
-  out = stacked[0]
-  for t in range(1, stacked.shape[0]):
-    out = out + stacked[t]
+  out = fn(*(s[0] for s in stacked))
+  for t in range(1, stacked[0].shape[0]):
+    out = out + fn(*(s[t] for s in stacked))
   return out
 
 
@@ -245,8 +254,7 @@ def _leaf_combine(weights: jax.Array, leaf: jax.Array) -> jax.Array:
   acc = accumulation_dtype(leaf.dtype, weights.dtype)
   # The upcast happens inside the fusion (no float32 copy of a bfloat16
   # leaf), and there is no reduced-precision matmul path on accelerators.
-  w = weights.astype(acc).reshape(weights.shape + (1,) * (leaf.ndim - 1))
-  return task_sum(w * leaf.astype(acc)).astype(leaf.dtype)
+  return task_sum(lambda w, g: w * g.astype(acc), weights.astype(acc), leaf).astype(leaf.dtype)
 
 
 def combine(task_grads: Any, weights: jax.Array, *, blocks: Blocks = None) -> Any:

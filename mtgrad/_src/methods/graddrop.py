@@ -136,21 +136,23 @@ def graddrop(
 
     def drop(leaf, leaf_key):
       acc = tree.accumulation_dtype(leaf.dtype)
-      g = leaf.astype(acc)
-      expand = (1,) * (leaf.ndim - 1)
-      total = tree.task_sum(g)
-      mass = tree.task_sum(jnp.abs(g))
+      total = tree.task_sum(lambda g: g.astype(acc), leaf)
+      mass = tree.task_sum(lambda g: jnp.abs(g.astype(acc)), leaf)
       purity = 0.5 * (1 + total * base.safe_reciprocal(mass))  # [*leaf_shape]
       # U in [tiny, 1): P = 1 always keeps, P = 0 always drops positives.
       uniform = jax.random.uniform(
         leaf_key, leaf.shape[1:], acc, minval=jnp.finfo(acc).tiny, maxval=1
       )
-      keep_positive = (purity > uniform)[None]
-      keep_negative = (purity < uniform)[None]
-      mask = (keep_positive & (g > 0)) | (keep_negative & (g < 0))
-      rate = jnp.asarray(leak, acc).reshape((-1 if leak_shape else 1, *expand))
-      factor = rate + (1 - rate) * mask.astype(acc)
-      out = tree.task_sum(factor * g)
+      keep_positive = purity > uniform
+      keep_negative = purity < uniform
+      rates = jnp.broadcast_to(jnp.asarray(leak, acc), (t,))
+
+      def kept(g, rate):
+        g = g.astype(acc)
+        mask = (keep_positive & (g > 0)) | (keep_negative & (g < 0))
+        return (rate + (1 - rate) * mask.astype(acc)) * g
+
+      out = tree.task_sum(kept, leaf, rates)
       # Non-finite in, non-finite out: XLA may turn `mask * g` into a select,
       # which would hide a NaN (or inf) in a dropped entry.
       out = jnp.where(jnp.isfinite(mass), out, total)
