@@ -86,8 +86,8 @@ def graddrop(
     The paper applies GradDrop to the gradients at a chosen layer's
     *activations* (summed over the batch after multiplying by the sign of the
     input) and backpropagates the result; here it applies to the given task
-    gradients (the parameters, or features through mtgrad's feature-level
-    helpers). LibMTL implements only the activation version; the CAGrad
+    gradients (usually the parameters; gradients with respect to a shared
+    representation work the same way). LibMTL implements only the activation version; the CAGrad
     authors' comparison code applies it to the shared parameters' gradients,
     as here (but averages over tasks). The paper's optional monotone
     transform of ``P`` is the identity here. A coordinate where every task's
