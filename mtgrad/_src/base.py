@@ -110,6 +110,24 @@ def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
   return losses
 
 
+def check_task_grads(task_grads: Any, params: Any, num_tasks: int | None, method: str) -> int:
+  """Validates the task gradients of an ``update`` call; returns ``T``.
+
+  Every leaf must share a leading task axis (and match ``params`` plus that
+  axis when ``params`` is given), and ``T`` must equal ``num_tasks`` when
+  the transform was built with it. Raises ``ValueError`` at trace time.
+  """
+  t = tree.num_tasks(task_grads)
+  if num_tasks is not None and t != num_tasks:
+    raise ValueError(
+      f"mtgrad.{method} was built with num_tasks={num_tasks} but the task "
+      f"gradients have T={t} on their leading axis."
+    )
+  if params is not None:
+    tree.check_matches_params(task_grads, params)
+  return t
+
+
 def require_num_tasks(num_tasks: int | None, method: str) -> int:
   """Raises unless ``num_tasks`` is given, for methods with per-task state."""
   if num_tasks is None:
@@ -215,14 +233,7 @@ def from_weighting(
 
   def update_fn(task_grads, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    t = tree.num_tasks(task_grads)
-    if num_tasks is not None and t != num_tasks:
-      raise ValueError(
-        f"mtgrad.{name} was built with num_tasks={num_tasks} but the task "
-        f"gradients have T={t} on their leading axis."
-      )
-    if params is not None:
-      tree.check_matches_params(task_grads, params)
+    t = check_task_grads(task_grads, params, num_tasks, name)
     losses = check_losses(losses, t, name) if needs_losses else None
 
     if needs == "gram":

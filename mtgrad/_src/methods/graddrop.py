@@ -120,14 +120,7 @@ def graddrop(
 
   def update_fn(task_grads, state, params=None, *, losses=None, **extra_args):
     del losses, extra_args
-    t = tree.num_tasks(task_grads)
-    if num_tasks is not None and t != num_tasks:
-      raise ValueError(
-        f"mtgrad.graddrop was built with num_tasks={num_tasks} but the task "
-        f"gradients have T={t} on their leading axis."
-      )
-    if params is not None:
-      tree.check_matches_params(task_grads, params)
+    t = base.check_task_grads(task_grads, params, num_tasks, "graddrop")
     if leak_shape not in ((), (t,)):
       raise ValueError(f"mtgrad.graddrop: leak has shape {leak_shape}, expected () or ({t},).")
     new_key, step_key = jax.random.split(state.key)
