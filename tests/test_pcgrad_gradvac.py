@@ -19,6 +19,7 @@ from mtgrad._src.methods.gradvac import gradvac
 from mtgrad._src.methods.gradvac import gradvac_weights
 from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.pcgrad import pcgrad_weights
+from mtgrad._src.solvers.cosine import norms_and_cosines
 
 from . import harness
 
@@ -137,7 +138,7 @@ _pcgrad_weights = jax.jit(pcgrad_weights, static_argnames="reduction")
 def _pcgrad_coefficients(gram, orders):
   """PCGrad's scale-free coefficients ``a`` (``ĝ_i = n_i sum_k a_ik u_k``)."""
   visit = lambda j, a, q, carry: (jnp.where(q[j] < 0, -q[j], 0), carry)
-  return _coefficients.sweep(visit, _coefficients.cosines(gram)[1], orders)[0]
+  return _coefficients.sweep(visit, norms_and_cosines(gram)[1], orders)[0]
 
 
 # --- PCGrad -----------------------------------------------------------------

@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtgrad._src import base
-
 # visit(j, a_i [T], q_i [T], carry_i) -> (increment of a_ij, carry_i)
 Visit = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 Reduction = Literal["sum", "mean"]
@@ -57,25 +55,6 @@ def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
   bits = jax.random.bits(key, (num_tasks, num_tasks), jnp.uint32) >> 1
   bits = jnp.where(jnp.eye(num_tasks, dtype=bool), jnp.uint32(2**31), bits)
   return jnp.argsort(bits, axis=1)[:, : num_tasks - 1].astype(jnp.int32)
-
-
-def cosines(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Norms and cosine matrix of a Gram matrix.
-
-  Args:
-    gram: ``[T, T]`` Gram matrix.
-
-  Returns:
-    ``(norms [T], cos [T, T])``. A zero gradient has a zero row and column
-    in ``cos`` (diagonal included), so no step ever moves along it; the
-    diagonal is otherwise exactly 1. NaN stays NaN.
-  """
-  num = gram.shape[0]
-  norms = jnp.sqrt(jnp.diagonal(gram))  # [T]
-  inverse = base.safe_reciprocal(norms)
-  # Divide one side at a time: |G_jk| / n_j <= n_k, so nothing overflows.
-  cos = jnp.clip((gram * inverse[:, None]) * inverse[None, :], -1, 1)
-  return norms, jnp.where(jnp.eye(num, dtype=bool), jnp.sign(norms)[None, :], cos)
 
 
 def sweep(visit: Visit, cos: jax.Array, orders: jax.Array, carry: Any = None):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mtgrad._src import base
 from mtgrad._src import tree
+from mtgrad._src.solvers.cosine import norms_and_cosines
 
 
 def conflict_free_weights(gram: jax.typing.ArrayLike, rcond: float | jax.Array = 1e-5) -> jax.Array:
@@ -14,13 +15,9 @@ def conflict_free_weights(gram: jax.typing.ArrayLike, rcond: float | jax.Array =
   gram = jnp.asarray(gram)
   gram = gram.astype(jnp.result_type(gram.dtype, jnp.float32))
   nan = jnp.any(jnp.isnan(gram))
-  gram = 0.5 * (gram + gram.T)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))  # [T]
+  norms, cosine = norms_and_cosines(gram)  # K = U U^T = D^-1 G D^-1
   inv = base.safe_reciprocal(norms)  # 1 / ||g_t||, 0 for zero tasks
   live = (norms > 0).astype(gram.dtype)  # [T]
-  # Cosine matrix K = U U^T = D^-1 G D^-1 (one side at a time: no overflow).
-  cosine = (gram * inv[:, None]) * inv[None, :]
-  cosine = jnp.where(jnp.eye(gram.shape[0], dtype=bool), jnp.diag(live), cosine)
   eigvals, eigvecs = jnp.linalg.eigh(cosine)
   rcond = jnp.asarray(rcond, gram.dtype)
   keep = eigvals > rcond * jnp.maximum(eigvals[-1], 0)

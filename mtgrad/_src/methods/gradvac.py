@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mtgrad._src import base
 from mtgrad._src import tree
 from mtgrad._src.methods import _coefficients
+from mtgrad._src.solvers.cosine import norms_and_cosines
 
 
 class GradVacState(NamedTuple):
@@ -53,7 +54,7 @@ def gradvac_weights(
     ``(weights [T], phi [T, T])``.
   """
   num = gram.shape[0]
-  norms, cos = _coefficients.cosines(gram)
+  norms, cos = norms_and_cosines(gram)
   phi = jnp.asarray(phi, cos.dtype)
   beta = jnp.asarray(beta, cos.dtype)
 

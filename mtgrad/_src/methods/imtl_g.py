@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mtgrad._src import base
 from mtgrad._src import tree
+from mtgrad._src.solvers.cosine import norms_and_cosines
 
 
 class IMTLGState(NamedTuple):
@@ -25,13 +26,9 @@ class IMTLGState(NamedTuple):
 
 def _imtl_g_weights(gram: jax.Array, rcond: jax.Array) -> tuple[jax.Array, jax.Array]:
   """IMTL-G weights and the cosine matrix's numerical rank (see :func:`imtl_g`)."""
-  gram = 0.5 * (gram + gram.T)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+  norms, cosine = norms_and_cosines(gram)  # K = D^-1 G D^-1
   inv = base.safe_reciprocal(norms)  # 1 / ||g_t||, 0 for zero tasks
   live = (norms > 0).astype(gram.dtype)  # [T]
-  # Cosine matrix K = D^-1 G D^-1 (divide one side at a time: no overflow).
-  cosine = (gram * inv[:, None]) * inv[None, :]
-  cosine = jnp.where(jnp.eye(gram.shape[0], dtype=bool), jnp.diag(live), cosine)
   eigvals, eigvecs = jnp.linalg.eigh(cosine)
   keep = eigvals > rcond * jnp.maximum(eigvals[-1], 0)
   coef = jnp.where(keep, eigvecs.T @ live, 0)  # components of 1 in range(K)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from mtgrad._src import base
 from mtgrad._src import tree
 from mtgrad._src.methods import _coefficients
+from mtgrad._src.solvers.cosine import norms_and_cosines
 
 
 def pcgrad_weights(
@@ -27,7 +28,7 @@ def pcgrad_weights(
     ``T`` for ``"mean"``).
   """
   num = gram.shape[0]
-  norms, cos = _coefficients.cosines(gram)
+  norms, cos = norms_and_cosines(gram)
 
   def visit(j, a, q, carry):
     # <ĝ_i, g_j> < 0  <=>  q_j < 0; the projection removes q_j u_j (K_jj = 1).

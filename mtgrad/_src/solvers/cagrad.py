@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtgrad._src.base import safe_reciprocal
+from mtgrad._src.solvers.cosine import norms_and_cosines
 from mtgrad._src.solvers.info import SolverInfo
 
 # Floor of the metric diagonal relative to the largest squared norm: keeps the
@@ -109,11 +111,6 @@ def project_simplex_scaled(v: jax.Array, p: jax.Array) -> jax.Array:
   return _project_breakpoints(v * p, 1 / p)
 
 
-def _inverse(x: jax.Array) -> jax.Array:
-  nonzero = x != 0
-  return jnp.where(nonzero, 1 / jnp.where(nonzero, x, 1), 0)
-
-
 def scale_free(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(K, n, m)``: cosine matrix, norms and mean-gradient norm, relative.
 
@@ -125,13 +122,8 @@ def scale_free(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   the Gram's entries (exactly 0 for exactly opposite gradients).
   """
   num = gram.shape[0]
-  gram = 0.5 * (gram + gram.T)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
-  inv = _inverse(norms)
-  live = norms > 0
-  cosine = (gram * inv[:, None]) * inv[None, :]
-  cosine = jnp.where(jnp.eye(num, dtype=bool), jnp.diag(live.astype(gram.dtype)), cosine)
-  top_inv = _inverse(jnp.max(norms))
+  norms, cosine = norms_and_cosines(gram)
+  top_inv = safe_reciprocal(jnp.max(norms))
   mean_norm = jnp.sqrt(jnp.maximum(jnp.sum((gram * top_inv) * top_inv), 0)) / num
   return cosine, norms * top_inv, mean_norm
 
@@ -139,10 +131,10 @@ def scale_free(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def combination_norm(cosine: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(||sum_t a_t u_t||, K a / ||sum_t a_t u_t||)`` without underflow."""
   big = jnp.max(jnp.abs(a))
-  unit = a * _inverse(big)
+  unit = a * safe_reciprocal(big)
   ka = cosine @ unit
   root = jnp.sqrt(jnp.maximum(unit @ ka, 0))
-  return big * root, ka * _inverse(root)
+  return big * root, ka * safe_reciprocal(root)
 
 
 class _State(NamedTuple):
@@ -192,7 +184,7 @@ def solve_cagrad(
   mean_proj = cosine @ norms / num  # <u_t, g0>
   kappa = jnp.asarray(c, dtype) * g0_norm
   scale = g0_norm + kappa  # bound on |<u_t, d>|
-  inv_scale = _inverse(scale)
+  inv_scale = safe_reciprocal(scale)
   metric = jnp.maximum(norms * norms, _METRIC_FLOOR)
   inv_metric = 1 / metric
   eps = jnp.finfo(dtype).eps
@@ -256,7 +248,7 @@ def solve_cagrad(
 
   x0 = jnp.full((num,), 1 / num, dtype)
   # Curvature of the norm term at the start: kappa / ||g0|| times at most T.
-  lipschitz0 = jnp.maximum(kappa * num * _inverse(g0_norm), floor)
+  lipschitz0 = jnp.maximum(kappa * num * safe_reciprocal(g0_norm), floor)
   initial = _State(
     x=x0,
     y=x0,
@@ -292,8 +284,8 @@ def _polish(cosine, norms, w, kappa):
   support = (w > 0) & (norms > 0)
   both = support[:, None] & support[None, :]
   smallest = jnp.min(jnp.where(support, norms, jnp.inf))
-  r = jnp.where(support, smallest * _inverse(norms), 0)  # r / max_S r, in (0, 1]
-  r_all = jnp.where(norms > 0, smallest * _inverse(norms), 0)
+  r = jnp.where(support, smallest * safe_reciprocal(norms), 0)  # r / max_S r, in (0, 1]
+  r_all = jnp.where(norms > 0, smallest * safe_reciprocal(norms), 0)
   beta = cosine @ norms / num  # <u_t, g0>, relative to the largest norm
   beta_s = jnp.where(support, beta, 0)
   system = jnp.where(both, cosine, 0) + jnp.diag(jnp.where(support, 0, 1).astype(dtype))
@@ -301,7 +293,7 @@ def _polish(cosine, norms, w, kappa):
   a_, b_, c_ = r @ x, r @ y, beta_s @ y
   disc = b_ * b_ - a_ * (c_ - kappa * kappa)
   root = jnp.sqrt(jnp.maximum(disc, 0))
-  mu = (b_ + root) * _inverse(a_)
+  mu = (b_ + root) * safe_reciprocal(a_)
   h = jnp.where(support, mu * x - y, 0)
   # Off the support the conditions are inequalities: grad_t >= mu.
   lhs = beta + cosine @ h
@@ -319,7 +311,7 @@ def _polish(cosine, norms, w, kappa):
     & jnp.all(jnp.isfinite(h))
     & jnp.isfinite(mu)
   )
-  extra = jnp.where(support, h * _inverse(norms), 0)
+  extra = jnp.where(support, h * safe_reciprocal(norms), 0)
   return jnp.where(ok, extra, 0), ok
 
 
@@ -350,7 +342,7 @@ def cagrad_weights(
   a = w * norms
   gw_norm, _ = combination_norm(cosine, a)
   resolved = gw_norm > 4 * jnp.sqrt(jnp.finfo(dtype).eps) * jnp.sum(a)
-  fallback = jnp.where(resolved, kappa * _inverse(gw_norm), 0) * w
+  fallback = jnp.where(resolved, kappa * safe_reciprocal(gw_norm), 0) * w
   polished, ok = _polish(cosine, norms, w, kappa)
   extra = jnp.where(ok, polished, fallback)
   extra = jnp.where(kappa > 0, extra, 0)  # c = 0: the mean, exactly

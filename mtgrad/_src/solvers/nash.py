@@ -97,6 +97,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtgrad._src.solvers.cosine import norms_and_cosines
 from mtgrad._src.solvers.info import SolverInfo
 
 # Candidate step lengths of the vectorised backtracking line search.
@@ -153,15 +154,10 @@ class ScaleFree(NamedTuple):
 def scale_free(gram: jax.Array) -> ScaleFree:
   """Cosines and norms of a (finite) Gram matrix, without squaring a norm."""
   num = gram.shape[-1]
-  gram = 0.5 * (gram + gram.T)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+  norms, cosine = norms_and_cosines(gram)
   live = norms > 0
-  safe = jnp.where(live, norms, 1)
-  inverse = jnp.where(live, 1 / safe, 0)
-  # |G_ij| / n_i <= n_j: dividing one side at a time never overflows.
-  cosine = jnp.clip((gram * inverse[:, None]) * inverse[None, :], -1, 1)
-  cosine = jnp.where(jnp.eye(num, dtype=bool), 1, cosine)
-  return ScaleFree(cosine, jnp.log(safe), norms, live)
+  cosine = jnp.where(jnp.eye(num, dtype=bool), 1, cosine)  # a zero task decouples
+  return ScaleFree(cosine, jnp.log(jnp.where(live, norms, 1)), norms, live)
 
 
 class _Problem(NamedTuple):
