@@ -6,6 +6,7 @@ from mtgrad._src.base import WeightingFn
 from mtgrad._src.base import from_weighting
 from mtgrad._src.base import require_num_tasks
 from mtgrad._src.base import safe_reciprocal
+from mtgrad._src.base import weights_from_losses
 from mtgrad._src.jacobian import value_and_jacobian
 from mtgrad._src.methods.aligned_mtl import AlignedMTLState
 from mtgrad._src.methods.aligned_mtl import aligned_mtl
@@ -98,4 +99,5 @@ __all__ = (
   "sum",
   "upgrad",
   "value_and_jacobian",
+  "weights_from_losses",
 )

@@ -110,6 +110,17 @@ def check_losses(losses: Any, num_tasks: int, method: str) -> jax.Array:
   return losses
 
 
+class LossesOnly:
+  """Stands in for the task gradients in :func:`weights_from_losses`.
+
+  Transforms whose weights depend on the losses alone compute them from this
+  placeholder without any gradient; every other transform raises on it.
+  """
+
+  def __init__(self, num_tasks: int):
+    self.num_tasks = num_tasks
+
+
 def check_task_grads(task_grads: Any, params: Any, num_tasks: int | None, method: str) -> int:
   """Validates the task gradients of an ``update`` call; returns ``T``.
 
@@ -117,6 +128,11 @@ def check_task_grads(task_grads: Any, params: Any, num_tasks: int | None, method
   axis when ``params`` is given), and ``T`` must equal ``num_tasks`` when
   the transform was built with it. Raises ``ValueError`` at trace time.
   """
+  if isinstance(task_grads, LossesOnly):
+    raise ValueError(
+      f"mtgrad.{method} computes its update from the task gradients, so it has no "
+      "single-backward path: pass the stacked task gradients to update()."
+    )
   t = tree.num_tasks(task_grads)
   if num_tasks is not None and t != num_tasks:
     raise ValueError(
@@ -233,6 +249,8 @@ def from_weighting(
 
   def update_fn(task_grads, state, params=None, *, losses=None, **extra_args):
     del extra_args
+    if isinstance(task_grads, LossesOnly):
+      return _weights_only(task_grads.num_tasks, state, losses)
     t = check_task_grads(task_grads, params, num_tasks, name)
     losses = check_losses(losses, t, name) if needs_losses else None
 
@@ -280,4 +298,69 @@ def from_weighting(
     )
     return updates, new_state
 
+  def _weights_only(t, state, losses):
+    # The single-backward path (weights_from_losses): no gradient at all.
+    if needs != "nothing" or blocks is not None:
+      raise ValueError(
+        f"mtgrad.{name} computes its weights from the task gradients "
+        f"({'block-wise ' if blocks is not None else ''}needs={needs!r}), so it has no "
+        "single-backward path: pass the stacked task gradients to update()."
+      )
+    if num_tasks is not None and t != num_tasks:
+      raise ValueError(f"mtgrad.{name} was built with num_tasks={num_tasks} but got {t} losses.")
+    losses = check_losses(losses, t, name) if needs_losses else None
+    new_key, step_key = (None, None) if state.key is None else jax.random.split(state.key)
+    weights, weighting_state = weighting(None, losses, state.weighting_state, step_key, num_tasks=t)
+    weights = jnp.asarray(weights)
+    new_state = BalancingState(
+      count=optax.safe_int32_increment(state.count),
+      weights=None if state.weights is None else _cast_like(weights, state.weights),
+      key=new_key,
+      weighting_state=_cast_like(weighting_state, state.weighting_state),
+    )
+    return weights, new_state
+
   return BalancingTransformation(init_fn, update_fn)
+
+
+def weights_from_losses(
+  transform: BalancingTransformation, state: Any, losses: jax.Array
+) -> tuple[jax.Array, Any]:
+  r"""The weights of a loss-only method, without any task gradient.
+
+  Methods whose weights depend on the losses alone (``sum``, ``rlw``,
+  ``inverse_loss``, ``uncertainty``, ``dwa``, ...) do not need the ``T``
+  stacked task gradients: one backward pass of the weighted loss
+  :math:`\sum_t w_t L_t` gives the same update. With :func:`jax.vjp` the
+  forward pass is shared too::
+
+    losses, pullback = jax.vjp(lambda p: per_task_losses(p, batch), params)
+    weights, state = mtgrad.weights_from_losses(balancer, state, losses)
+    (grads,) = pullback(weights.astype(losses.dtype))  # = sum_t w_t g_t
+
+  Args:
+    transform: a transform built by :func:`mtgrad.from_weighting` whose
+      weighting needs neither the Gram matrix nor the squared norms
+      (``needs="nothing"``), used globally (no ``blocks``).
+    state: its :class:`BalancingState` (not a surrounding chain's state).
+    losses: the per-task losses ``[T]``.
+
+  Returns:
+    ``(weights [T], new_state)``: the weights of this step and the state
+    after it, exactly as ``transform.update`` would produce them.
+
+  Raises:
+    ValueError: for methods whose weights depend on the task gradients.
+
+  Example:
+    >>> import jax.numpy as jnp, mtgrad
+    >>> tx = mtgrad.inverse_loss(num_tasks=2)
+    >>> weights, state = mtgrad.weights_from_losses(
+    ...   tx, tx.init({"w": jnp.zeros(3)}), jnp.array([2.0, 0.5]))
+    >>> weights
+    Array([0.5, 2. ], dtype=float32)
+  """
+  losses = jnp.asarray(losses)
+  if losses.ndim != 1:
+    raise ValueError(f"mtgrad.weights_from_losses: losses must be [T], got shape {losses.shape}.")
+  return transform.update(LossesOnly(losses.shape[0]), state, losses=losses)
