@@ -220,6 +220,9 @@ METHODS: tuple[MethodInfo, ...] = (
     "Liu, Chu & Thuerey 2024 (ConFIG, conflict-free inverse gradients)",
     properties=_GEOMETRY_FREE,
   ),
+  # Loss-driven weightings I: gradnorm, uncertainty, dwa, gls.
+  # Loss-driven weightings II: imtl_l, imtl, stch, famo.
+  # Primary and auxiliary tasks: metabalance, gcs.
 )
 
 _BY_NAME = {info.name: info for info in METHODS}
