@@ -24,7 +24,13 @@ def test_first_lines_are_the_two_setup_commands():
   assert "mtgrad compare" in block[0] and "pytest" in block[1]
 
 
-@pytest.mark.parametrize("index", [0, 1])
+SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_its_python_snippets():
+  assert len(SNIPPETS) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_python_snippets_run(index):
-  snippets = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-  exec(compile(snippets[index], f"README snippet {index}", "exec"), {})
+  exec(compile(SNIPPETS[index], f"README snippet {index}", "exec"), {})
