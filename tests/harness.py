@@ -147,25 +147,33 @@ def _second_step(matrix: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np
   return mixed, 0.7 * losses
 
 
+Method = str | registry.MethodInfo
+"""A registry name, or a :class:`MethodInfo` not (yet) in the registry."""
+
+
+def _info(method: Method) -> registry.MethodInfo:
+  return registry.info(method) if isinstance(method, str) else method
+
+
 @functools.cache
-def jitted(name: str, num_tasks: int, key: int = 0) -> tuple[Callable, Callable, Callable]:
+def jitted(method: Method, num_tasks: int, key: int = 0) -> tuple[Callable, Callable, Callable]:
   """``(tx, init, step)`` for a default instance, each jitted once per method.
 
   One jitted ``update`` called step by step (rather than a jitted sequence of
   updates) compiles the method once per input shape.
   """
-  tx = registry.info(name).make(num_tasks, key=key)
+  tx = _info(method).make(num_tasks, key=key)
   step = jax.jit(
     lambda grads, state, params, losses: tx.update(grads, state, params, losses=losses)
   )
   return tx, jax.jit(tx.init), step
 
 
-def run(name: str, case: Case, *, key: int = 0, matrix=None, losses=None) -> Outcome:
-  """Two updates of a fresh ``name`` instance on ``case`` (optionally transformed)."""
+def run(method: Method, case: Case, *, key: int = 0, matrix=None, losses=None) -> Outcome:
+  """Two updates of a fresh instance of ``method`` on ``case`` (optionally transformed)."""
   matrix = case.matrix if matrix is None else matrix
   losses = case.losses if losses is None else losses
-  _, init, step = jitted(name, matrix.shape[0], key)
+  _, init, step = jitted(method, matrix.shape[0], key)
   second_matrix, second_losses = _second_step(matrix, losses)
   grads1, params = tree_from_matrix(matrix, case.shapes)
   grads2, _ = tree_from_matrix(second_matrix, case.shapes)
@@ -193,19 +201,34 @@ def _close(a: np.ndarray, b: np.ndarray, magnitude: float) -> bool:
   return bool(np.all(np.abs(a - b) <= RTOL * (np.abs(b) + magnitude) + 1e-30))
 
 
-_BASE_RUNS: dict[tuple[str, str], Outcome] = {}
+_BASE_RUNS: dict[tuple[Method, str], Outcome] = {}
 
 
-def base_run(name: str, case: Case) -> Outcome:
-  """``run(name, case)``, computed once per method and case."""
-  if (name, case.name) not in _BASE_RUNS:
-    _BASE_RUNS[name, case.name] = run(name, case)
-  return _BASE_RUNS[name, case.name]
+def base_run(method: Method, case: Case) -> Outcome:
+  """``run(method, case)``, computed once per method and case."""
+  if (method, case.name) not in _BASE_RUNS:
+    _BASE_RUNS[method, case.name] = run(method, case)
+  return _BASE_RUNS[method, case.name]
 
 
-def violation(name: str, prop: str, case: Case) -> str | None:
-  """``None`` if ``prop`` holds for method ``name`` on ``case``, else why not."""
-  base = base_run(name, case)
+def check_properties(method: Method) -> dict[str, dict[str, str]]:
+  """``{property: {case name: why it fails}}`` for every property and case.
+
+  ``method`` may be a :class:`MethodInfo` that is not registered, e.g. a new
+  method being written in a notebook: its declared properties must come out
+  with no failures, the undeclared ones with at least one.
+  """
+  return {
+    prop: {
+      case.name: why for case in catalogue() if (why := violation(method, prop, case)) is not None
+    }
+    for prop in registry.PROPERTIES
+  }
+
+
+def violation(method: Method, prop: str, case: Case) -> str | None:
+  """``None`` if ``prop`` holds for ``method`` on ``case``, else why not."""
+  base = base_run(method, case)
   seq = [(case.matrix, case.losses), _second_step(case.matrix, case.losses)]
   if prop == registry.LINEAR:
     for step, (update, w, (m, _)) in enumerate(zip(base.updates, base.weights, seq, strict=True)):
@@ -226,14 +249,14 @@ def violation(name: str, prop: str, case: Case) -> str | None:
     return None
   if prop == registry.PERMUTATION_EQUIVARIANT:
     perm = np.roll(np.arange(case.num_tasks), 1)
-    other = run(name, case, matrix=case.matrix[perm], losses=case.losses[perm])
+    other = run(method, case, matrix=case.matrix[perm], losses=case.losses[perm])
     for step in range(2):
       if not _close(other.updates[step], base.updates[step], base.magnitude[step]):
         return f"step {step}: permuting tasks changed the update"
     return None
   if prop == registry.HOMOGENEOUS:
     for c in (1e-3, 7.0):
-      other = run(name, case, matrix=c * case.matrix)
+      other = run(method, case, matrix=c * case.matrix)
       for step in range(2):
         if not _close(other.updates[step], c * base.updates[step], c * base.magnitude[step]):
           return f"step {step}: d({c} J) != {c} d(J)"
@@ -241,7 +264,7 @@ def violation(name: str, prop: str, case: Case) -> str | None:
   if prop == registry.LOSS_SCALE_INVARIANT:
     rng = np.random.default_rng(7)
     c = 10.0 ** rng.uniform(-3, 3, size=case.num_tasks)
-    other = run(name, case, matrix=c[:, None] * case.matrix, losses=c * case.losses)
+    other = run(method, case, matrix=c[:, None] * case.matrix, losses=c * case.losses)
     for step in range(2):
       if not _close(other.updates[step], base.updates[step], base.magnitude[step]):
         return f"step {step}: rescaling task losses changed the update"
