@@ -74,7 +74,8 @@ def test_loss_only_methods_of_the_registry_have_the_single_backward_path():
   # The gradient-free weightings must not silently lose the cheap path.
   params, losses_fn = _problem()
   losses = losses_fn(params)
-  expected = {"sum", "mean", "constant", "rlw", "inverse_loss", "initial_loss"}
+  expected = {"sum", "mean", "constant", "rlw", "inverse_loss", "initial_loss", "uncertainty"}
+  expected |= {"dwa", "gls", "imtl_l", "stch", "famo"}
   for name in expected:
     tx = registry.info(name).make(3)
     weights, _ = mtgrad.weights_from_losses(tx, tx.init(params), losses)

@@ -157,7 +157,7 @@ def safe_reciprocal(x: jax.Array) -> jax.Array:
   return jnp.where(nonzero, 1 / jnp.where(nonzero, x, 1), 0)
 
 
-def _cast_like(new: Any, old: Any) -> Any:
+def cast_like(new: Any, old: Any) -> Any:
   # Keeps state dtypes (and weak types) fixed across updates, so states pass
   # through lax.cond / lax.scan unchanged.
   return jax.tree.map(
@@ -292,9 +292,9 @@ def from_weighting(
     updates = tree.combine(task_grads, weights, blocks=blocks)
     new_state = BalancingState(
       count=optax.safe_int32_increment(state.count),
-      weights=None if state.weights is None else _cast_like(weights, state.weights),
+      weights=None if state.weights is None else cast_like(weights, state.weights),
       key=new_key,
-      weighting_state=_cast_like(weighting_state, state.weighting_state),
+      weighting_state=cast_like(weighting_state, state.weighting_state),
     )
     return updates, new_state
 
@@ -314,9 +314,9 @@ def from_weighting(
     weights = jnp.asarray(weights)
     new_state = BalancingState(
       count=optax.safe_int32_increment(state.count),
-      weights=None if state.weights is None else _cast_like(weights, state.weights),
+      weights=None if state.weights is None else cast_like(weights, state.weights),
       key=new_key,
-      weighting_state=_cast_like(weighting_state, state.weighting_state),
+      weighting_state=cast_like(weighting_state, state.weighting_state),
     )
     return weights, new_state
 
@@ -324,7 +324,7 @@ def from_weighting(
 
 
 def weights_from_losses(
-  transform: BalancingTransformation, state: Any, losses: jax.Array
+  transform: BalancingTransformation, state: Any, losses: jax.Array, **extra_args: Any
 ) -> tuple[jax.Array, Any]:
   r"""The weights of a loss-only method, without any task gradient.
 
@@ -344,6 +344,7 @@ def weights_from_losses(
       (``needs="nothing"``), used globally (no ``blocks``).
     state: its :class:`BalancingState` (not a surrounding chain's state).
     losses: the per-task losses ``[T]``.
+    **extra_args: forwarded to ``update`` (e.g. FAMO's ``post_step_losses``).
 
   Returns:
     ``(weights [T], new_state)``: the weights of this step and the state
@@ -363,4 +364,4 @@ def weights_from_losses(
   losses = jnp.asarray(losses)
   if losses.ndim != 1:
     raise ValueError(f"mtgrad.weights_from_losses: losses must be [T], got shape {losses.shape}.")
-  return transform.update(LossesOnly(losses.shape[0]), state, losses=losses)
+  return transform.update(LossesOnly(losses.shape[0]), state, losses=losses, **extra_args)

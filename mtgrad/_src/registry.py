@@ -24,20 +24,30 @@ from mtgrad._src.methods.cagrad import cagrad
 from mtgrad._src.methods.conflict_free import conflict_free
 from mtgrad._src.methods.constant import constant
 from mtgrad._src.methods.dualproj import dualproj
+from mtgrad._src.methods.dwa import dwa
 from mtgrad._src.methods.fairgrad import fairgrad
+from mtgrad._src.methods.famo import famo
+from mtgrad._src.methods.gcs import gcs
+from mtgrad._src.methods.gls import gls
 from mtgrad._src.methods.graddrop import graddrop
+from mtgrad._src.methods.gradnorm import gradnorm
 from mtgrad._src.methods.gradvac import gradvac
+from mtgrad._src.methods.imtl import imtl
 from mtgrad._src.methods.imtl_g import imtl_g
+from mtgrad._src.methods.imtl_l import imtl_l
 from mtgrad._src.methods.initial_loss import initial_loss
 from mtgrad._src.methods.inverse_loss import inverse_loss
 from mtgrad._src.methods.inverse_norm import inverse_norm
 from mtgrad._src.methods.mean import mean
+from mtgrad._src.methods.metabalance import metabalance
 from mtgrad._src.methods.mgda import mgda
 from mtgrad._src.methods.min_norm import min_norm
 from mtgrad._src.methods.nash_mtl import nash_mtl
 from mtgrad._src.methods.pcgrad import pcgrad
 from mtgrad._src.methods.rlw import rlw
+from mtgrad._src.methods.stch import stch
 from mtgrad._src.methods.sum import sum as sum_
+from mtgrad._src.methods.uncertainty import uncertainty
 from mtgrad._src.methods.upgrad import upgrad
 
 # Mathematical properties a method may declare. Each has a checker in the
@@ -221,8 +231,89 @@ METHODS: tuple[MethodInfo, ...] = (
     properties=_GEOMETRY_FREE,
   ),
   # Loss-driven weightings I: gradnorm, uncertainty, dwa, gls.
+  MethodInfo(
+    "gradnorm",
+    gradnorm,
+    "Chen et al., ICML 2018 (GradNorm)",
+    needs_losses=True,
+    stateful=True,
+    properties=frozenset({LINEAR, PERMUTATION_EQUIVARIANT}),
+  ),
+  MethodInfo(
+    "uncertainty",
+    uncertainty,
+    "Kendall, Gal & Cipolla, CVPR 2018 (uncertainty weighting)",
+    needs_losses=True,
+    stateful=True,
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "dwa",
+    dwa,
+    "Liu, Johns & Davison, CVPR 2019 (MTAN: Dynamic Weight Average)",
+    needs_losses=True,
+    stateful=True,
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "gls",
+    gls,
+    "Chennupati et al., CVPR-W 2019 (MultiNet++: Geometric Loss Strategy)",
+    needs_losses=True,
+    properties=_GEOMETRY_FREE,
+  ),
   # Loss-driven weightings II: imtl_l, imtl, stch, famo.
+  MethodInfo(
+    "imtl_l",
+    imtl_l,
+    "Liu et al., ICLR 2021 (Impartial MTL, loss part)",
+    needs_losses=True,
+    stateful=True,
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "imtl",
+    imtl,
+    "Liu et al., ICLR 2021 (Impartial MTL, hybrid IMTL-L + IMTL-G)",
+    needs_losses=True,
+    stateful=True,
+    properties=_GEOMETRY_FREE,
+  ),
+  MethodInfo(
+    "stch",
+    stch,
+    "Lin et al., ICML 2024 (Smooth Tchebycheff scalarization)",
+    needs_losses=True,
+    stateful=True,
+    properties=_GEOMETRY_FREE | {LOSS_SCALE_INVARIANT},
+    # One warm-up step (which sets the nadir) so that the harness's two
+    # updates cover both phases.
+    example_kwargs=lambda num_tasks: {"warmup_steps": 1},
+  ),
+  MethodInfo(
+    "famo",
+    famo,
+    "Liu et al., NeurIPS 2023 (FAMO: Fast Adaptive Multitask Optimization)",
+    needs_losses=True,
+    stateful=True,
+    # Called with losses= alone (harness, compare), the default protocol="auto"
+    # runs the one-step-lag variant; post_step_losses= selects the exact one.
+    properties=_GEOMETRY_FREE,
+  ),
   # Primary and auxiliary tasks: metabalance, gcs.
+  MethodInfo(
+    "metabalance",
+    metabalance,
+    "He et al., WWW 2022 (MetaBalance: auxiliary gradient magnitudes)",
+    stateful=True,
+    properties=frozenset({HOMOGENEOUS}),
+  ),
+  MethodInfo(
+    "gcs",
+    gcs,
+    "Du et al., arXiv 2018 (auxiliary losses gated by gradient cosine similarity)",
+    properties=frozenset({LINEAR, HOMOGENEOUS}),
+  ),
 )
 
 _BY_NAME = {info.name: info for info in METHODS}

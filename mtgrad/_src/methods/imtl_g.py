@@ -130,8 +130,9 @@ def imtl_g(
     The paper computes IMTL-G on the gradients with respect to the shared
     *features* and applies the weights to the losses; here it applies to
     whatever task gradients are given (usually the parameters). The paper
-    pairs it with IMTL-L (not in mtgrad yet; LibMTL's ``IMTL`` is the hybrid of both, with
-    the same :math:`\sum_t w_t = 1` output scale as here). A task whose
+    pairs it with IMTL-L (:func:`mtgrad.imtl_l`; the hybrid of both, as
+    LibMTL's ``IMTL``, is :func:`mtgrad.imtl`, with the same
+    :math:`\sum_t w_t = 1` output scale as here). A task whose
     gradient is exactly zero gets weight 0. If :math:`\sum_t v_t = 0` the
     paper's system is singular and the weights are 0; near it they are large
     (the paper's normalisation), and if :math:`\sum_t v_t < 0` the update
