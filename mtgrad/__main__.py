@@ -1,3 +1,6 @@
+"""``python -m mtgrad``: the same command line as the ``mtgrad`` console script."""
+
 from mtgrad.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+  raise SystemExit(main())
