@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     help="train every balancing method on built-in problems",
     description=(
       "Train every registry method on built-in problems (no download) and print, per "
-      "problem, each task's metric, Delta_m%% against equal weighting and the step time."
+      "problem, each task's metric, Delta_m% against equal weighting and the step time."
     ),
   )
   cmp.add_argument(
