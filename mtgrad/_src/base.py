@@ -290,13 +290,7 @@ def from_weighting(
       )
 
     updates = tree.combine(task_grads, weights, blocks=blocks)
-    new_state = BalancingState(
-      count=optax.safe_int32_increment(state.count),
-      weights=None if state.weights is None else cast_like(weights, state.weights),
-      key=new_key,
-      weighting_state=cast_like(weighting_state, state.weighting_state),
-    )
-    return updates, new_state
+    return updates, _next_state(state, weights, new_key, weighting_state)
 
   def _weights_only(t, state, losses):
     # The single-backward path (weights_from_losses): no gradient at all.
@@ -312,15 +306,18 @@ def from_weighting(
     new_key, step_key = (None, None) if state.key is None else jax.random.split(state.key)
     weights, weighting_state = weighting(None, losses, state.weighting_state, step_key, num_tasks=t)
     weights = jnp.asarray(weights)
-    new_state = BalancingState(
-      count=optax.safe_int32_increment(state.count),
-      weights=None if state.weights is None else cast_like(weights, state.weights),
-      key=new_key,
-      weighting_state=cast_like(weighting_state, state.weighting_state),
-    )
-    return weights, new_state
+    return weights, _next_state(state, weights, new_key, weighting_state)
 
   return BalancingTransformation(init_fn, update_fn)
+
+
+def _next_state(state: BalancingState, weights, key, weighting_state) -> BalancingState:
+  return BalancingState(
+    count=optax.safe_int32_increment(state.count),
+    weights=None if state.weights is None else cast_like(weights, state.weights),
+    key=key,
+    weighting_state=cast_like(weighting_state, state.weighting_state),
+  )
 
 
 def weights_from_losses(
