@@ -15,6 +15,9 @@ from mtgrad._src.compare import problems
 from mtgrad._src.compare import progress
 from mtgrad._src.compare import runner
 
+# One worker runs the whole module, so the module-scoped tiny run happens once.
+pytestmark = pytest.mark.xdist_group("cli")
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -46,12 +46,11 @@ def test_single_backward_equals_stacked_update_or_refuses(name):
   except ValueError as e:
     assert "single-backward" in str(e)
     return
+  single_step = jax.jit(lambda p, s: _single_backward_step(tx, losses_fn, p, s))
   single_state = stacked_state = state
   for step in range(3):
     p = jax.tree.map(lambda v, s=step: v * (1.0 - 0.2 * s), params)
-    single, single_state = jax.jit(lambda p, s: _single_backward_step(tx, losses_fn, p, s))(
-      p, single_state
-    )
+    single, single_state = single_step(p, single_state)
     losses, grads = mtgrad.value_and_jacobian(losses_fn)(p)
     stacked, stacked_state = tx.update(grads, stacked_state, p, losses=losses)
     jax.tree.map(
