@@ -65,6 +65,7 @@ from mtgrad._src.tree import block_sq_norms
 from mtgrad._src.tree import combine
 from mtgrad._src.tree import gram
 from mtgrad._src.tree import num_tasks
+from mtgrad._src.tree import select_leaves
 from mtgrad._src.tree import sq_norms
 from mtgrad._src.tuning_free_decay import tuning_free_decay
 
@@ -130,6 +131,7 @@ __all__ = (
   "require_num_tasks",
   "rlw",
   "safe_reciprocal",
+  "select_leaves",
   "sq_norms",
   "stch",
   "sum",

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import mtgrad
-from mtgrad._src.methods.gradnorm import selected_leaves
+from mtgrad._src.tree import select_leaves as selected_leaves
 
 from . import harness
 

@@ -177,6 +177,7 @@ def from_weighting(
   init_state: Callable[[int], Any] | None = None,
   key: KeyLike | None = None,
   blocks: tree.Blocks = None,
+  measure_on: tree.Selection = None,
 ) -> BalancingTransformation:
   """Builds a balancing transform ``sum_t w_t g_t`` from a weighting.
 
@@ -203,6 +204,11 @@ def from_weighting(
     blocks: ``None`` (one weighting for the whole tree), ``"leaf"`` (one per
       leaf) or a pytree / callable of labels grouping leaves (see
       :func:`mtgrad.block_ids`); weights are then ``[B, T]``.
+    measure_on: the leaves on which ``needs`` is measured (``None``: all;
+      a pytree of bools, a ``(path, leaf) -> bool`` predicate or a
+      ``params -> mask`` callable, see :func:`mtgrad.select_leaves`), e.g.
+      GradNorm's last shared layer; the combine still uses every leaf. Not
+      with ``blocks``.
 
   Returns:
     A :class:`BalancingTransformation` whose state is a
@@ -225,9 +231,19 @@ def from_weighting(
     )
   if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
     raise ValueError(f"mtgrad.{name}: num_tasks must be a positive int, got {num_tasks!r}.")
+  if measure_on is not None and blocks is not None:
+    raise ValueError(f"mtgrad.{name}: measure_on and blocks cannot be combined.")
   initial_key = as_key(key)
 
+  def measured(task_grads):
+    if measure_on is None:
+      return task_grads
+    marks = tree.select_leaves(measure_on, tree.params_like(task_grads), f"mtgrad.{name}")
+    return [g for g, m in zip(jax.tree.leaves(task_grads), marks, strict=True) if m]
+
   def init_fn(params):
+    if measure_on is not None:
+      tree.select_leaves(measure_on, params, f"mtgrad.{name}")  # a bad selection fails here
     acc = tree.accumulation_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
     num_blocks = None if blocks is None else len(tree.block_ids(blocks, params)[1])
     weights = None
@@ -255,10 +271,14 @@ def from_weighting(
     losses = check_losses(losses, t, name) if needs_losses else None
 
     if needs == "gram":
-      quantity = tree.gram(task_grads) if blocks is None else tree.block_gram(task_grads, blocks)
+      quantity = (
+        tree.gram(measured(task_grads)) if blocks is None else tree.block_gram(task_grads, blocks)
+      )
     elif needs == "sq_norms":
       quantity = (
-        tree.sq_norms(task_grads) if blocks is None else tree.block_sq_norms(task_grads, blocks)
+        tree.sq_norms(measured(task_grads))
+        if blocks is None
+        else tree.block_sq_norms(task_grads, blocks)
       )
     else:
       quantity = None

@@ -9,6 +9,7 @@ memory traffic is one read of the gradients for :func:`gram` and one for
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Sequence
@@ -16,12 +17,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Blocks = None | str | Any | Callable[[Any], Any]
 """Block specification: ``None`` (whole tree), ``"leaf"`` (one block per
 leaf), a pytree of hashable labels with the params structure, or a callable
 that maps params (or their ``jax.ShapeDtypeStruct``) to such a pytree."""
+
+Selection = None | Any | Callable[..., Any]
+"""Leaf selection: ``None`` (every leaf), a pytree of bools with the params
+structure, a callable ``(path, leaf) -> bool`` or a callable
+``params -> pytree of bools``."""
 
 
 def _path_str(path) -> str:
@@ -188,6 +195,67 @@ def block_ids(blocks: Blocks, tree: Any) -> tuple[tuple[int, ...], tuple[Hashabl
   order: dict[Hashable, int] = {}
   ids = tuple(order.setdefault(label, len(order)) for label in labels)
   return ids, tuple(order)
+
+
+def _takes_path_and_leaf(fn: Callable[..., Any]) -> bool:
+  # Two positional parameters: a per-leaf predicate, as for
+  # jax.tree_util.tree_map_with_path. One: a tree-level callable returning a
+  # mask, as tree.block_ids and optax.masked take them.
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return False
+  try:
+    signature.bind(None, None)
+  except TypeError:
+    return False
+  try:
+    signature.bind(None)
+  except TypeError:
+    return True
+  return False
+
+
+def select_leaves(selection: Selection, params: Any, method: str = "mtgrad") -> tuple[bool, ...]:
+  """Which leaves of ``params`` (in ``jax.tree.leaves`` order) ``selection`` marks.
+
+  Raises ``ValueError`` for a selection without the params structure, with
+  a label that is not a bool, or that selects nothing.
+  """
+  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
+  if selection is None:
+    return (True,) * len(leaves_with_path)
+  if isinstance(selection, str):
+    raise ValueError(
+      f"{method}: the selection of the parameters on which the task gradients are "
+      "measured must be a pytree of bools, a callable (path, leaf) -> bool or None; "
+      f"got {selection!r}."
+    )
+  if callable(selection) and _takes_path_and_leaf(selection):
+    labels = [selection(path, leaf) for path, leaf in leaves_with_path]
+  else:
+    mask = selection(params) if callable(selection) else selection
+    try:
+      labels = jax.tree.structure(params).flatten_up_to(mask)
+    except (ValueError, TypeError) as err:
+      raise ValueError(
+        f"{method}: the selection must have the params structure "
+        f"({jax.tree.structure(params)}); got {mask!r}."
+      ) from err
+  marks = []
+  for (path, _), label in zip(leaves_with_path, labels, strict=True):
+    if not isinstance(label, (bool, np.bool_)):
+      raise ValueError(
+        f"{method}: the selection must mark every leaf with True or False; leaf "
+        f"{jax.tree_util.keystr(path)} got {label!r}."
+      )
+    marks.append(bool(label))
+  if not any(marks):
+    raise ValueError(
+      f"{method}: the selection selects no parameter; at least one leaf (usually the last "
+      "shared layer) is needed to measure the task gradients on."
+    )
+  return tuple(marks)
 
 
 def params_like(task_grads: Any) -> Any:

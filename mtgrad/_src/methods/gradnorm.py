@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mtgrad._src import base
@@ -19,10 +15,6 @@ from mtgrad._src.methods import _trainable
 # Weights are clamped to at least this before the renormalisation to sum T,
 # so that none reaches zero or below (the weights sum to T, so it is tiny).
 _MIN_WEIGHT = 1e-6
-
-Selection = None | Any | Callable[..., Any]
-"""``None`` (every leaf), a pytree of bools with the params structure, a
-callable ``(path, leaf) -> bool`` or a callable ``params -> pytree of bools``."""
 
 
 class GradNormState(NamedTuple):
@@ -42,71 +34,11 @@ class GradNormState(NamedTuple):
   recorded: jax.Array  # [] bool
 
 
-def _takes_path_and_leaf(fn: Callable[..., Any]) -> bool:
-  # Two positional parameters: a per-leaf predicate, as for
-  # jax.tree_util.tree_map_with_path. One: a tree-level callable returning a
-  # mask, as tree.block_ids and optax.masked take them.
-  try:
-    signature = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return False
-  try:
-    signature.bind(None, None)
-  except TypeError:
-    return False
-  try:
-    signature.bind(None)
-  except TypeError:
-    return True
-  return False
-
-
-def selected_leaves(blocks: Selection, params: Any) -> tuple[bool, ...]:
-  """Which leaves of ``params`` (in ``jax.tree.leaves`` order) form the block W.
-
-  Raises ``ValueError`` for a selection without the params structure, with
-  a label that is not a bool, or that selects nothing.
-  """
-  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
-  if blocks is None:
-    return (True,) * len(leaves_with_path)
-  if isinstance(blocks, str):
-    raise ValueError(
-      "mtgrad.gradnorm: blocks selects the parameters W on which the gradient norms are "
-      f"measured: a pytree of bools, a callable (path, leaf) -> bool or None; got {blocks!r}."
-    )
-  if callable(blocks) and _takes_path_and_leaf(blocks):
-    labels = [blocks(path, leaf) for path, leaf in leaves_with_path]
-  else:
-    mask = blocks(params) if callable(blocks) else blocks
-    try:
-      labels = jax.tree.structure(params).flatten_up_to(mask)
-    except (ValueError, TypeError) as err:
-      raise ValueError(
-        "mtgrad.gradnorm: blocks must have the params structure "
-        f"({jax.tree.structure(params)}); got {mask!r}."
-      ) from err
-  selection = []
-  for (path, _), label in zip(leaves_with_path, labels, strict=True):
-    if not isinstance(label, (bool, np.bool_)):
-      raise ValueError(
-        "mtgrad.gradnorm: blocks must mark every leaf with True or False; leaf "
-        f"{jax.tree_util.keystr(path)} got {label!r}."
-      )
-    selection.append(bool(label))
-  if not any(selection):
-    raise ValueError(
-      "mtgrad.gradnorm: blocks selects no parameter; GradNorm needs at least one leaf "
-      "(usually the last shared layer) on which to measure the gradient norms."
-    )
-  return tuple(selection)
-
-
 def gradnorm(
   alpha: float | jax.Array = 1.5,
   learning_rate: float | jax.Array = 0.025,
   *,
-  blocks: Selection = None,
+  blocks: tree.Selection = None,
   optimizer: optax.GradientTransformation | None = None,
   num_tasks: int | None = None,
 ) -> base.BalancingTransformation:
@@ -215,21 +147,15 @@ def gradnorm(
     raise ValueError(f"mtgrad.gradnorm: learning_rate must be > 0, got {learning_rate!r}.")
   opt = _trainable.resolve_optimizer(optimizer, optax.adam(learning_rate))
 
-  def init_fn(params):
-    selected_leaves(blocks, params)  # a bad selection fails here already
-    acc = tree.accumulation_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
-    return base.BalancingState(
-      count=jnp.zeros([], jnp.int32),
-      weights=jnp.zeros(num_tasks, acc),
-      key=None,
-      weighting_state=GradNormState(
-        next_weights=_trainable.init(opt, jnp.ones(num_tasks, acc)),
-        initial_losses=jnp.zeros(num_tasks, acc),
-        recorded=jnp.zeros([], bool),
-      ),
+  def init_state(num_tasks):
+    return GradNormState(
+      next_weights=_trainable.init(opt, jnp.ones(num_tasks, jnp.float32)),
+      initial_losses=jnp.zeros(num_tasks, jnp.float32),
+      recorded=jnp.zeros([], bool),
     )
 
-  def weighting(sq_norms, losses, state: GradNormState):
+  def weighting(sq_norms, losses, state: GradNormState, key, *, num_tasks):
+    del key
     acc = state.initial_losses.dtype
     losses = losses.astype(acc)
     weights = state.next_weights.value
@@ -246,20 +172,12 @@ def gradnorm(
     weights = jnp.where(jnp.any(jnp.isnan(losses)), jnp.nan, weights)
     return weights, GradNormState(stepped._replace(value=renormalised), initial, jnp.ones([], bool))
 
-  def update_fn(task_grads, state, params=None, *, losses=None, **extra_args):
-    del extra_args
-    t = base.check_task_grads(task_grads, params, num_tasks, "gradnorm")
-    losses = base.check_losses(losses, t, "gradnorm")
-    selection = selected_leaves(blocks, tree.params_like(task_grads))
-    block = [g for g, s in zip(jax.tree.leaves(task_grads), selection, strict=True) if s]
-    weights, weighting_state = weighting(tree.sq_norms(block), losses, state.weighting_state)
-    updates = tree.combine(task_grads, weights)
-    new_state = base.BalancingState(
-      count=optax.safe_int32_increment(state.count),
-      weights=base.cast_like(weights, state.weights),
-      key=None,
-      weighting_state=base.cast_like(weighting_state, state.weighting_state),
-    )
-    return updates, new_state
-
-  return base.BalancingTransformation(init_fn, update_fn)
+  return base.from_weighting(
+    weighting,
+    name="gradnorm",
+    needs="sq_norms",
+    needs_losses=True,
+    num_tasks=num_tasks,
+    init_state=init_state,
+    measure_on=blocks,
+  )
